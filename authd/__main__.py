@@ -1,0 +1,3 @@
+from authd.cli import main
+
+raise SystemExit(main())

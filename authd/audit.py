@@ -1,0 +1,98 @@
+"""Logging: structlog rendering JSON lines, and the one decision event per request.
+
+The shape of the audit line is decided here and nowhere else. A line is written and
+flushed as soon as its decision is made, so a killed process loses no line of a
+request it answered. No token ever reaches a log line: only its short fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+import structlog
+
+from authd.errors import Reason
+
+if TYPE_CHECKING:
+    from authd.decision import Decision
+    from authd.headers import RequestFacts
+
+# Tracebacks as JSON, without local variables: a frame's locals may hold the token.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False),
+)
+_SHARED: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+]
+
+
+def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
+    """Render every event, authd's and the libraries' (uvicorn, httpx), as one JSON line."""
+    stream = stream if stream is not None else sys.stdout
+    structlog.configure(
+        processors=[
+            *_SHARED,
+            _TRACEBACKS,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*_SHARED, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _TRACEBACKS,
+                structlog.processors.JSONRenderer(),
+            ],
+        ),
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request URL at INFO; key fetches have their own events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class Auditor:
+    """Writes the decision events."""
+
+    def __init__(self) -> None:
+        self._log = structlog.get_logger("authd.audit")
+
+    def decision(self, d: Decision, facts: RequestFacts, duration_ms: float) -> None:
+        c = d.claims
+        fields = {
+            "decision": d.decision,
+            "status": d.status,
+            "reason": d.reason.value if d.reason is not None else None,
+            "policy": d.policy,
+            "rule": d.rule,
+            "user": c.user if c else None,
+            "email": c.email or None if c else None,
+            "sub": c.sub or None if c else None,
+            "service_token": c.service_token or None if c else None,
+            "iss": c.iss if c else None,
+            "kid": c.kid if c else None,
+            "token_id": d.token_id,
+            "method": facts.method,
+            "uri": facts.uri,
+            "host": facts.host,
+            "client_ip": facts.client_ip,
+            "request_id": facts.request_id,
+            "duration_ms": round(duration_ms, 3),
+        }
+        if d.detail:
+            fields["detail"] = d.detail
+        if d.decision == "error" or d.reason is Reason.UNKNOWN_POLICY:
+            # unknown_policy is nginx's configuration pointing at a policy authd lacks.
+            self._log.error("decision", exc_info=d.exc_info, **fields)
+        else:
+            self._log.info("decision", **fields)

@@ -1,0 +1,464 @@
+"""The command line, and the composition root: it builds the parts and owns the socket."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import textwrap
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import structlog
+
+from authd import __version__, audit, config, dev, snippets
+from authd.decision import Authorizer, Decision
+from authd.errors import ConfigError, Denied
+from authd.keys import KeyStore, SystemClock, make_http_client
+from authd.verify import decode_json_segment, split
+
+if TYPE_CHECKING:
+    from authd.config import Config, Listen
+
+EXIT_ALLOW, EXIT_DENY, EXIT_CANNOT_DECIDE = 0, 1, 2
+EXIT_CONFIG = 2
+LISTEN_BACKLOG = 2048
+
+log = structlog.get_logger("authd")
+
+_MAIN_HELP = """\
+authd verifies the signed JWTs that an identity-aware proxy (Cloudflare Access)
+forwards to the origin, for nginx's auth_request: 200 with identity headers,
+401 without a valid token, 403 when the location's policy refuses the user.
+
+commands:
+  serve          run the daemon
+  check-config   validate the configuration, listing every problem
+  verify         explain what authd would answer for a token and a policy
+  nginx-snippet  print the nginx snippets for this configuration
+  dev            keys and tokens for local testing (keygen, mint)
+
+files:
+  /etc/authd/authd.toml   the configuration (or --config PATH, or $AUTHD_CONFIG)
+
+Run 'authd COMMAND --help' for a command's options.
+"""
+
+_CONFIG_HELP = "configuration file (default: $AUTHD_CONFIG, else /etc/authd/authd.toml)"
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_CONFIG
+    return int(args.func(args, env))
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="authd", description=_MAIN_HELP, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"authd {__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    s = sub.add_parser(
+        "serve",
+        help="run the daemon",
+        formatter_class=fmt,
+        description=textwrap.dedent("""\
+            Run the daemon: answer nginx's auth subrequests on the configured listen
+            address (listen = "127.0.0.1:9180" or "unix:/run/authd/authd.sock"; a unix
+            socket is created with mode 0660).
+
+            At startup authd fetches every issuer's keys once (each bounded by its
+            fetch_timeout_seconds) and then refreshes them in the background. If a key
+            endpoint is down, authd still starts: /readyz answers 503 and requests with
+            a token get 503 (nginx: 500) until the keys arrive; it retries by itself.
+
+            Output: one JSON line per decision (event "decision") and per other event
+            (startup, key fetches, errors) on standard output.
+            SIGTERM or SIGINT: stop accepting, finish requests in flight, exit."""),
+        epilog="exit status: 0 after a clean shutdown, 2 for an invalid configuration.",
+    )
+    s.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser(
+        "check-config",
+        help="validate the configuration",
+        formatter_class=fmt,
+        description=textwrap.dedent("""\
+            Validate the configuration without starting anything. Every problem is
+            printed, one per line, prefixed with its TOML path, e.g.
+              policies.wiki.audience: required: the AUD tag(s) of the Access application
+            Unknown keys are errors. Warnings (valid, but probably unintended) are
+            printed with a "warning:" prefix and do not fail the check."""),
+        epilog="exit status: 0 valid, 2 invalid or unreadable.",
+    )
+    c.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    c.set_defaults(func=_check_config)
+
+    v = sub.add_parser(
+        "verify",
+        help="explain the decision for a token",
+        formatter_class=fmt,
+        description=textwrap.dedent("""\
+            Explain what authd would answer for TOKEN under policy NAME, using the
+            configured issuers and their keys (fetched once, now): the decision, the
+            status, the reason code and its detail, the rule that admitted the token,
+            the verified claims, and the identity headers nginx would receive.
+            When the token is refused, its unverified header and payload are shown,
+            marked as such, to help find out why.
+
+            TOKEN is read from standard input when it is "-" or absent; copy it from
+            the browser's CF_Authorization cookie or the Cf-Access-Jwt-Assertion
+            header."""),
+        epilog=textwrap.dedent("""\
+            exit status: 0 allow, 1 deny (401/403), 2 cannot decide (keys unavailable,
+            an error) or a usage/configuration error.
+
+            example:
+              authd verify --policy wiki "$(authd dev mint --key dev/private.pem)"
+        """),
+    )
+    v.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    v.add_argument("--policy", required=True, metavar="NAME", help="a [policies.NAME] table")
+    v.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    v.add_argument("token", nargs="?", default="-", metavar="TOKEN", help="the token, or -")
+    v.set_defaults(func=_verify)
+
+    n = sub.add_parser(
+        "nginx-snippet",
+        help="print the nginx snippets",
+        formatter_class=fmt,
+        description=textwrap.dedent("""\
+            Print an nginx snippet for this configuration:
+              http              the upstream block pointing at authd's listen address
+              server            the internal /_authd location (once per server)
+              location          for a protected location with proxy_pass (default)
+              location-fastcgi  the same for fastcgi_pass (PHP-FPM)
+              location-uwsgi    the same for uwsgi_pass
+            The location snippets copy and overwrite authd's default identity headers
+            and every header that a policy's headers mapping adds. Without a
+            configuration file at the default path, the defaults are used."""),
+    )
+    n.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    n.add_argument("--context", choices=snippets.CONTEXTS, default="location")
+    n.set_defaults(func=_nginx_snippet)
+
+    d = sub.add_parser(
+        "dev",
+        help="keys and tokens for local testing",
+        formatter_class=fmt,
+        description="Keys and tokens for local testing, shaped like Cloudflare Access's.",
+    )
+    dsub = d.add_subparsers(title="commands", metavar="COMMAND")
+    k = dsub.add_parser(
+        "keygen",
+        help="write a key pair",
+        formatter_class=fmt,
+        description=textwrap.dedent("""\
+            Write DIR/private.pem (RSA 2048, mode 0600) and DIR/jwks.json, the public
+            key in the shape of Cloudflare's /cdn-cgi/access/certs (keys, public_cert,
+            public_certs; the kid is the key's RFC 7638 SHA-256 thumbprint in hex).
+            Point an issuer's jwks_file at jwks.json, or serve it as jwks_url."""),
+    )
+    k.add_argument("directory", type=Path, metavar="DIR")
+    k.set_defaults(func=_keygen)
+    m = dsub.add_parser(
+        "mint",
+        help="print a signed token",
+        formatter_class=fmt,
+        description=textwrap.dedent("""\
+            Print a Cloudflare-shaped application token signed with --key (RS256, kid
+            = the key's thumbprint, as in the keygen's jwks.json).
+
+            A user token carries aud, iss, iat, nbf, exp, type, email, sub (a UUID
+            derived from the email), identity_nonce and country ("DE"). With
+            --service-token it is a service token instead: common_name = CLIENT_ID,
+            sub = "", no email, no nbf."""),
+        epilog=textwrap.dedent(f"""\
+            defaults: --iss {dev.DEV_ISSUER}
+                      --aud {dev.DEV_AUDIENCE}
+
+            examples:
+              authd dev mint --key dev/private.pem --email bob@example.com \\
+                  --claim custom.groups='["sre","ops"]' --claim country=NL
+              authd dev mint --key dev/private.pem --ttl -60   # expired a minute ago"""),
+    )
+    m.add_argument("--key", type=Path, required=True, metavar="PEM", help="private key file")
+    m.add_argument("--iss", default=dev.DEV_ISSUER, metavar="URL", help="issuer")
+    m.add_argument(
+        "--aud",
+        action="append",
+        metavar="TAG",
+        help="audience tag (repeatable)",
+    )
+    m.add_argument("--email", default="alice@example.com", metavar="E", help="user email")
+    m.add_argument(
+        "--ttl",
+        type=int,
+        default=3600,
+        metavar="S",
+        help="seconds until exp (default 3600; negative: already expired)",
+    )
+    m.add_argument("--type", default="app", metavar="T", help="token type (default app)")
+    m.add_argument("--service-token", metavar="CLIENT_ID", help="mint a service token")
+    m.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="extra claim; V is JSON if it parses, else a string; dotted K nests (repeatable)",
+    )
+    m.set_defaults(func=_mint)
+    return p
+
+
+def _config_path(args: argparse.Namespace, env: Mapping[str, str]) -> Path:
+    if args.config is not None:
+        return Path(args.config)
+    return Path(env.get("AUTHD_CONFIG") or config.DEFAULT_PATH)
+
+
+def _load(args: argparse.Namespace, env: Mapping[str, str], out: IO[str]) -> Config | None:
+    path = _config_path(args, env)
+    try:
+        return config.load(path)
+    except ConfigError as ex:
+        for problem in ex.problems:
+            print(problem, file=out)
+        return None
+
+
+def _check_config(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    cfg = _load(args, env, sys.stdout)
+    if cfg is None:
+        return EXIT_CONFIG
+    for warning in cfg.warnings():
+        print(f"warning: {warning}")
+    print(
+        f"{_config_path(args, env)}: ok ({len(cfg.issuers)} issuer(s), "
+        f"{len(cfg.policies)} policy(ies), listen {cfg.listen})",
+    )
+    return 0
+
+
+def _nginx_snippet(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    path = _config_path(args, env)
+    explicit = args.config is not None or "AUTHD_CONFIG" in env
+    if not explicit and not path.exists():
+        cfg: Config | None = config.Config()
+        print(f"# {path} does not exist: rendered for the defaults", file=sys.stderr)
+    else:
+        cfg = _load(args, env, sys.stderr)
+    if cfg is None:
+        return EXIT_CONFIG
+    sys.stdout.write(snippets.render(args.context, cfg))
+    return 0
+
+
+def _keygen(args: argparse.Namespace, _env: Mapping[str, str]) -> int:
+    pem, jwks = dev.keygen(args.directory)
+    print(f"wrote {pem} (private, keep it) and {jwks} (public key set)")
+    return 0
+
+
+def _mint(args: argparse.Namespace, _env: Mapping[str, str]) -> int:
+    try:
+        key = dev.load_private_key(args.key)
+        extra = dict(dev.parse_claim_argument(c) for c in args.claim)
+    except (OSError, ValueError, TypeError) as ex:
+        print(f"authd dev mint: {ex}", file=sys.stderr)
+        return EXIT_CONFIG
+    payload = dev.claims(
+        now=time.time(),
+        iss=args.iss,
+        aud=args.aud or (dev.DEV_AUDIENCE,),
+        email=args.email,
+        ttl=args.ttl,
+        token_type=args.type,
+        service_token=args.service_token,
+        extra=extra,
+    )
+    print(dev.mint(key, payload))
+    return 0
+
+
+def _verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    cfg = _load(args, env, sys.stderr)
+    if cfg is None:
+        return EXIT_CONFIG
+    token = sys.stdin.read() if args.token == "-" else args.token
+    token = token.strip()
+    # Key fetch problems are worth seeing here, on stderr, away from the explanation.
+    audit.configure(stream=sys.stderr, level=logging.WARNING)
+    decision = asyncio.run(_decide_once(cfg, args.policy, token))
+    report = _explain(decision, token)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _print_explanation(report)
+    if decision.decision == "allow":
+        return EXIT_ALLOW
+    return EXIT_DENY if decision.decision == "deny" else EXIT_CANNOT_DECIDE
+
+
+async def _decide_once(cfg: Config, policy: str, token: str) -> Decision:
+    async with make_http_client() as client:
+        keys = KeyStore.from_config(cfg.issuers, client, SystemClock())
+        await asyncio.gather(*(k.refresh() for k in keys.issuers.values()))
+        authorizer = Authorizer.from_config(cfg, keys, SystemClock())
+        return await authorizer.decide(policy, lambda: token)
+
+
+def _explain(d: Decision, token: str) -> dict[str, object]:
+    report: dict[str, object] = {
+        "decision": d.decision,
+        "status": d.status,
+        "reason": d.reason.value if d.reason else None,
+        "detail": d.detail or None,
+        "policy": d.policy,
+        "rule": d.rule,
+        "token_id": d.token_id,
+    }
+    if d.claims is not None:
+        report["issuer"] = {"name": d.claims.issuer_name, "iss": d.claims.iss}
+        report["kid"] = d.claims.kid
+        report["claims"] = dict(d.claims.payload)
+    if d.decision == "allow":
+        report["headers"] = dict(d.headers)
+    else:
+        report["unverified"] = _unverified(token)
+    if d.exc_info is not None:
+        report["error"] = repr(d.exc_info[1])
+    return report
+
+
+def _unverified(token: str) -> dict[str, object] | None:
+    """The token's header and payload as they read, unverified, for a human to look at."""
+    with contextlib.suppress(Denied):
+        h, p, _ = split(token)
+        return {"header": decode_json_segment(h), "payload": decode_json_segment(p)}
+    return None
+
+
+def _print_explanation(report: dict[str, object]) -> None:
+    for key in ("decision", "status", "reason", "detail", "policy", "rule", "issuer", "kid"):
+        value = report.get(key)
+        if isinstance(value, dict):
+            value = f"{value['name']} ({value['iss']})"
+        if value is not None:
+            print(f"{key + ':':<10}{value}")
+    if "claims" in report:
+        print("claims (verified):")
+        print(textwrap.indent(json.dumps(report["claims"], indent=2, ensure_ascii=False), "  "))
+    if "headers" in report:
+        print("identity headers:")
+        for name, value in dict(report["headers"]).items():  # type: ignore[call-overload]
+            print(f"  {name}: {value}")
+    if report.get("unverified"):
+        print("token as it reads (UNVERIFIED, do not trust):")
+        text = json.dumps(report["unverified"], indent=2, ensure_ascii=False)
+        print(textwrap.indent(text, "  "))
+    if report.get("error"):
+        print(f"error:    {report['error']}")
+
+
+def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    cfg = _load(args, env, sys.stderr)
+    if cfg is None:
+        return EXIT_CONFIG
+    audit.configure()
+    for warning in cfg.warnings():
+        log.warning("config_warning", problem=warning)
+    try:
+        sock = bind(cfg.listen)
+    except OSError as ex:
+        log.error("cannot_listen", listen=str(cfg.listen), error=str(ex))  # noqa: TRY400 -- the message says it all
+        return EXIT_CONFIG
+    _run(cfg, sock)
+    return 0
+
+
+def _run(cfg: Config, sock: socket.socket) -> None:
+    import uvicorn  # noqa: PLC0415 -- only `serve` needs the server
+
+    from authd.app import create_app  # noqa: PLC0415 -- likewise
+
+    client = make_http_client()
+    keys = KeyStore.from_config(cfg.issuers, client, SystemClock())
+    app = create_app(
+        authorizer=Authorizer.from_config(cfg, keys, SystemClock()),
+        keys=keys,
+        auditor=audit.Auditor(),
+        token_sources=cfg.token_sources,
+        closing=(client.aclose,),
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_config=None,  # logging is configured by authd.audit: JSON lines
+            access_log=False,  # the audit line is the access log
+            server_header=False,
+            date_header=False,
+            proxy_headers=False,
+            # nginx closes idle upstream connections after 60 s (authd-http.conf); staying
+            # open longer means authd never closes one that nginx is about to reuse.
+            timeout_keep_alive=75,
+            timeout_graceful_shutdown=10,
+        ),
+    )
+    log.info("starting", version=__version__, listen=str(cfg.listen), pid=os.getpid())
+    server.run(sockets=[sock])
+    log.info("stopped")
+
+
+def bind(listen: Listen) -> socket.socket:
+    """Bind the listening socket ourselves: a unix socket gets mode 0660, not uvicorn's 0666."""
+    if listen.kind == "tcp":
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        return socket.create_server(
+            (listen.host, listen.port),
+            family=family,
+            backlog=LISTEN_BACKLOG,
+        )
+    path = Path(listen.path)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            if _in_use(path):
+                raise OSError(f"{path} is in use by another process")
+            path.unlink()  # a stale socket of an earlier run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
+def _in_use(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,223 @@
+"""The HTTP edges of a decision: the token in, the request facts, the identity headers out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeAlias
+
+from authd.claims import lookup
+from authd.config import DEFAULT_HEADER_NAMES
+from authd.errors import Denied, Reason
+from authd.verify import MAX_TOKEN_BYTES
+
+if TYPE_CHECKING:
+    from authd.claims import Claims
+    from authd.config import TokenSource
+    from authd.policy import Policy
+
+MAX_HEADER_VALUE_BYTES = 2048
+# The auth response must fit nginx's proxy_buffer_size (one page, 4 KiB) with room for
+# the status line and the other headers.
+MAX_IDENTITY_BYTES = 3072
+MAX_FACT_LENGTH = 256
+MAX_URI_LENGTH = 1024
+
+# Printable ASCII stays as it is, except "%" (the escape character itself) and, inside
+# list headers, "," (the separator). Everything else is percent-encoded as UTF-8.
+_SAFE = "".join(sorted(set(string.punctuation + " ") - set("%")))
+_SAFE_IN_LIST = _SAFE.replace(",", "")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_EDGE_BLANKS = re.compile(r"^ +| +$")
+_UNSAFE_FACT = re.compile(r"[^\x20-\x7e]")
+# A JWT-shaped run (two dot-joined base64url segments): never let one reach the log.
+_JWT_LIKE = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*)?")
+
+
+class RequestHeaders(Protocol):
+    """The two things authd reads from a request (Falcon's ``Request`` provides both)."""
+
+    def get_header(self, name: str) -> str | None: ...
+
+
+def extract_token(sources: Iterable[TokenSource], req: RequestHeaders) -> str:
+    """The one token the request carries, from any of ``sources``; or ``Denied``.
+
+    Every source is read: a header and a cookie that carry different tokens, or a
+    header repeated with different values, are ambiguous and refused. Empty values
+    count as absent.
+    """
+    candidates: set[str] = set()
+    for source in sources:
+        candidates.update(_from_source(source, req))
+    if any(len(c) > MAX_TOKEN_BYTES for c in candidates):
+        raise Denied(Reason.TOKEN_TOO_LARGE, f"a token is over {MAX_TOKEN_BYTES} bytes")
+    if not candidates:
+        raise Denied(Reason.NO_TOKEN)
+    if len(candidates) > 1:
+        raise Denied(Reason.AMBIGUOUS_TOKEN, f"{len(candidates)} different tokens")
+    return candidates.pop()
+
+
+def _from_source(source: TokenSource, req: RequestHeaders) -> list[str]:
+    if source.kind == "cookie":
+        return _cookie_values(req.get_header("Cookie") or "", source.name)
+    raw = req.get_header("Authorization" if source.kind == "bearer" else source.name) or ""
+    # Repeated headers arrive joined by ","; a JWT never contains one.
+    values = [v.strip() for v in raw.split(",")]
+    if source.kind == "bearer":
+        values = [v[7:].strip() for v in values if v[:7].lower() == "bearer " and v[7:].strip()]
+    return [v for v in values if v]
+
+
+def _cookie_values(header: str, name: str) -> list[str]:
+    # By hand rather than with http.cookies or Falcon's parser: repeated Cookie headers
+    # arrive joined by "," (which neither splits on), and every same-named cookie must
+    # be seen, not just the first or the last.
+    values = []
+    for pair in re.split(r"[;,]", header):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if value:
+                values.append(value)
+    return values
+
+
+def token_id(token: str) -> str:
+    """A short fingerprint of a token for the audit log; never a key for anything."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What nginx tells authd about the original request: logged, never decisive."""
+
+    method: str
+    uri: str
+    host: str
+    client_ip: str
+    request_id: str
+
+    @classmethod
+    def from_request(cls, req: RequestHeaders, method: str) -> RequestFacts:
+        return cls(
+            method=_fact(req.get_header("X-Original-Method") or method),
+            uri=redact_uri(req.get_header("X-Original-URI") or ""),
+            host=_fact(req.get_header("Host") or ""),
+            client_ip=_fact(req.get_header("X-Real-IP") or ""),
+            request_id=_fact(req.get_header("X-Request-ID") or ""),
+        )
+
+
+def _fact(value: str, limit: int = MAX_FACT_LENGTH) -> str:
+    return _UNSAFE_FACT.sub("?", value[:limit])
+
+
+def redact_uri(uri: str) -> str:
+    """The path of ``uri`` with every query value redacted (tokens travel in query strings)."""
+    path, sep, query = uri.partition("?")
+    path = _JWT_LIKE.sub("[redacted]", path)
+    if sep:
+        names = (part.partition("=") for part in query.split("&"))
+        query = "&".join(
+            f"{_fact(name, 64)}=[redacted]" if eq else "[redacted]" for name, eq, _ in names
+        )
+    return _fact(path + sep + query, MAX_URI_LENGTH)
+
+
+def encode_value(value: str, *, in_list: bool = False) -> str:
+    """Make an identity value safe for an HTTP header: plain ASCII, or ``Denied``.
+
+    Control characters deny the request (they never reach the HTTP layer); other
+    bytes outside printable ASCII, and ``%`` (and ``,`` in a list), are percent-encoded
+    as UTF-8, so ``José`` becomes ``Jos%C3%A9``.
+    """
+    if _CONTROL.search(value):
+        raise Denied(Reason.UNSAFE_CLAIM_VALUE, "control character in an identity value")
+    if value.isascii() and "%" not in value and not (in_list and "," in value):
+        encoded = value
+    else:
+        try:
+            encoded = urllib.parse.quote(value, safe=_SAFE_IN_LIST if in_list else _SAFE)
+        except UnicodeEncodeError as ex:  # lone surrogates from "\ud800" escapes in JSON
+            raise Denied(Reason.UNSAFE_CLAIM_VALUE, "identity value is not valid Unicode") from ex
+    # HTTP strips leading and trailing blanks from a header value; keep them visible.
+    encoded = _EDGE_BLANKS.sub(lambda m: "%20" * len(m.group()), encoded)
+    if len(encoded) > MAX_HEADER_VALUE_BYTES:
+        raise Denied(Reason.UNSAFE_CLAIM_VALUE, f"identity value over {MAX_HEADER_VALUE_BYTES} B")
+    return encoded
+
+
+def render_claim(value: object) -> str:
+    """One claim as header text: scalars as they are, lists comma-joined, objects as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return encode_value(value)
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return ",".join(
+            encode_value(v if isinstance(v, str) else _json(v), in_list=True) for v in value
+        )
+    return encode_value(_json(value))
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+Getter: TypeAlias = "Callable[[Claims, Policy], object]"
+
+_DEFAULT_GETTERS: dict[str, Getter] = {
+    "X-Authd-User": lambda c, _: c.user,
+    "X-Authd-Email": lambda c, _: c.email,
+    "X-Authd-Sub": lambda c, _: c.sub,
+    "X-Authd-Groups": lambda c, p: list(p.groups(c)),
+    "X-Authd-Country": lambda c, _: c.get("country"),
+    "X-Authd-Service-Token": lambda c, _: c.service_token,
+    "X-Authd-Policy": lambda _, p: p.name,
+}
+assert tuple(_DEFAULT_GETTERS) == DEFAULT_HEADER_NAMES
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPlan:
+    """The identity headers of one policy, compiled once: (name, how to get the value)."""
+
+    policy: Policy
+    getters: tuple[tuple[str, Getter], ...]
+
+    @classmethod
+    def for_policy(cls, policy: Policy) -> HeaderPlan:
+        custom: list[tuple[str, Getter]] = [
+            (name, _claim_getter(claim)) for name, claim in policy.config.headers
+        ]
+        return cls(policy, (*_DEFAULT_GETTERS.items(), *custom))
+
+    def render(self, claims: Claims) -> tuple[tuple[str, str], ...]:
+        """The headers for an allow; ``Denied(unsafe_claim_value)`` if a value cannot be sent."""
+        out = []
+        total = 0
+        for name, getter in self.getters:
+            value = render_claim(getter(claims, self.policy))
+            if value:
+                out.append((name, value))
+                total += len(name) + len(value) + 4
+        if total > MAX_IDENTITY_BYTES:
+            raise Denied(Reason.UNSAFE_CLAIM_VALUE, f"identity headers over {MAX_IDENTITY_BYTES} B")
+        return tuple(out)
+
+
+def _claim_getter(claim: str) -> Getter:
+    return lambda c, _: lookup(c.payload, claim)

@@ -1,0 +1,79 @@
+"""Policy rules: pure functions of verified claims, compiled once from the configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from authd.claims import string_list
+from authd.errors import Denied, Reason
+
+if TYPE_CHECKING:
+    from authd.claims import Claims
+    from authd.config import PolicyConfig, Scalar
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One ``[policies.NAME]`` table, ready to evaluate."""
+
+    config: PolicyConfig
+    groups_claims: dict[str, str]  # issuer name -> where that issuer puts groups
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def groups(self, claims: Claims) -> tuple[str, ...]:
+        """The token's groups, from where its issuer puts them (``groups_claim``)."""
+        where = self.groups_claims.get(claims.issuer_name)
+        return string_list(claims.get(where)) if where else ()
+
+    def evaluate(self, claims: Claims) -> str:
+        """Return which rule admitted the token, or raise ``Denied`` (403).
+
+        ``require_claims`` must all hold; then any one ``allow_*`` list admits
+        (a policy without any admits every valid token for its audience).
+        """
+        for name, allowed in self.config.require_claims:
+            if not _satisfies(claims.get(name), allowed):
+                raise Denied(Reason.REQUIREMENT_FAILED, f"require_claims.{name} not satisfied")
+        if self.config.admits_any:
+            return "any_valid_token"
+        rule = self._admitting_rule(claims)
+        if rule is None:
+            raise Denied(Reason.NOT_ALLOWED, f"no allow_* list admits {claims.user!r}")
+        return rule
+
+    def _admitting_rule(self, claims: Claims) -> str | None:
+        c = self.config
+        if claims.service_token:
+            admitted = claims.service_token in c.allow_service_tokens
+            return "allow_service_tokens" if admitted else None
+        email = claims.email.lower()
+        if email in c.allow_emails:
+            return "allow_emails"
+        domain = email.rpartition("@")[2]
+        if domain and any(_domain_matches(domain, d) for d in c.allow_email_domains):
+            return "allow_email_domains"
+        if c.allow_groups and not c.allow_groups.isdisjoint(self.groups(claims)):
+            return "allow_groups"
+        return None
+
+
+def _domain_matches(domain: str, allowed: str) -> bool:
+    """``example.com`` admits exactly that domain; ``.example.com`` admits it and its subdomains."""
+    if allowed.startswith("."):
+        return domain == allowed[1:] or domain.endswith(allowed)
+    return domain == allowed
+
+
+def _satisfies(value: object, allowed: tuple[Scalar, ...]) -> bool:
+    """A claim satisfies a requirement when it, or any element of it, is an allowed value."""
+    candidates = value if isinstance(value, list) else [value]
+    return any(_same(c, a) for c in candidates for a in allowed)
+
+
+def _same(claim: object, allowed: Scalar) -> bool:
+    # Compare type and value: in Python True == 1, but a claim of true is not the number 1.
+    return type(claim) is type(allowed) and claim == allowed

@@ -1,0 +1,163 @@
+"""The nginx snippets, rendered from the configuration.
+
+The files shipped in ``nginx/`` are this module's output for the default
+configuration (a test keeps them equal); ``authd nginx-snippet`` renders the
+same text for the operator's configuration, custom identity headers included.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, TypeAlias
+
+from authd.config import DEFAULT_HEADER_NAMES, Config
+
+if TYPE_CHECKING:
+    from authd.config import Listen
+
+Context: TypeAlias = Literal["http", "server", "location", "location-fastcgi", "location-uwsgi"]
+CONTEXTS: tuple[Context, ...] = (
+    "http",
+    "server",
+    "location",
+    "location-fastcgi",
+    "location-uwsgi",
+)
+AUTH_LOCATION = "/_authd"
+POLICY_VARIABLE = "authd_policy"  # set by the operator in each protected location
+UPSTREAM = "authd"
+# Cloudflare's unsigned convenience header: anyone reaching the origin can set it, so
+# the protected location overwrites it with the verified email.
+CLOUDFLARE_EMAIL_HEADER = "Cf-Access-Authenticated-User-Email"
+
+
+def file_name(context: Context) -> str:
+    return f"authd-{context}.conf"
+
+
+def render(context: Context, config: Config) -> str:
+    if context == "http":
+        return render_http(config.listen)
+    if context == "server":
+        return render_server()
+    return render_location(header_names(config), context)
+
+
+def header_names(config: Config) -> list[str]:
+    """authd's own identity headers, then every custom header of every policy."""
+    names = {n.lower(): n for n in DEFAULT_HEADER_NAMES}
+    for policy in config.policies.values():
+        for name, _ in policy.headers:
+            names.setdefault(name.lower(), name)
+    return list(names.values())
+
+
+def variable(header: str) -> str:
+    """The nginx variable that carries an identity header: X-Authd-Email -> authd_email."""
+    return "authd_" + header[len("X-Authd-") :].lower().replace("-", "_")
+
+
+def render_http(listen: Listen) -> str:
+    server = f"unix:{listen.path}" if listen.kind == "unix" else str(listen)
+    return f"""\
+# authd, http context: the upstream that the auth subrequests go to.
+# Include once, inside http {{ }}, e.g. from /etc/nginx/conf.d/.
+# Rendered for listen = "{listen}" by `authd nginx-snippet --context http`.
+upstream {UPSTREAM} {{
+    server {server};
+    # Reuse connections: an auth subrequest per request must not cost a connect.
+    keepalive 16;
+    # nginx closes an idle connection before authd would (authd keeps them 75 s).
+    keepalive_timeout 60s;
+}}
+"""
+
+
+def render_server() -> str:
+    return f"""\
+# authd, server context: the internal location that asks authd for a decision.
+# Include once in every server {{ }} that has a protected location.
+location = {AUTH_LOCATION} {{
+    internal;
+    # $authd_policy is set in the protected location (see authd-location.conf).
+    proxy_pass http://{UPSTREAM}/auth/${POLICY_VARIABLE};
+
+    # The decision never depends on the body: do not send it.
+    proxy_pass_request_body off;
+    proxy_set_header Content-Length "";
+
+    # Facts about the original request, for the audit log only.
+    proxy_set_header Host $host;
+    proxy_set_header X-Original-URI $request_uri;
+    proxy_set_header X-Original-Method $request_method;
+    proxy_set_header X-Real-IP $remote_addr;
+    proxy_set_header X-Request-ID $request_id;
+
+    # Keepalive to authd (with the upstream's keepalive in authd-http.conf).
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+
+    # A hung or absent authd fails closed: nginx answers 500, never lets the request in.
+    proxy_connect_timeout 2s;
+    proxy_send_timeout 5s;
+    proxy_read_timeout 5s;
+}}
+"""
+
+
+def render_location(names: list[str], context: Context) -> str:
+    flavour = context.removeprefix("location").removeprefix("-") or "proxy"
+    lines = [
+        f"auth_request_set ${variable(n)} $upstream_http_{n.lower().replace('-', '_')};"
+        for n in names
+        # X-Authd-Policy is the location's own $authd_policy: nginx has it already.
+        if variable(n) != POLICY_VARIABLE
+    ]
+    if flavour == "proxy":
+        sets = [f"proxy_set_header {n} ${variable(n)};" for n in names]
+        sets.append(f"proxy_set_header {CLOUDFLARE_EMAIL_HEADER} $authd_email;")
+    else:
+        directive = f"{flavour}_param"
+        sets = [f"{directive} {_cgi_name(n)} ${variable(n)};" for n in names]
+        sets.append(f"{directive} {_cgi_name(CLOUDFLARE_EMAIL_HEADER)} $authd_email;")
+    upstream = {"proxy": "proxy_pass", "fastcgi": "fastcgi_pass", "uwsgi": "uwsgi_pass"}[flavour]
+    sets_doc = {
+        "proxy": """\
+# proxy_set_header is inherited from the server or http level only by a location that
+# declares none of its own, and this snippet declares its own: repeat any of those
+# (Host, X-Forwarded-For, ...) inside the protected location. Your own proxy_set_header
+# lines beside this include are fine.""",
+        "fastcgi": """\
+# A fastcgi_param named HTTP_* replaces the client's header of that name, so the
+# application never sees a client-sent X-Authd-* value. fastcgi_param, like
+# proxy_set_header, is inherited only by a location that declares none of its own:
+# include fastcgi_params (or your usual params) in the location too.""",
+        "uwsgi": """\
+# A uwsgi_param named HTTP_* replaces the client's header of that name, so the
+# application never sees a client-sent X-Authd-* value. uwsgi_param, like
+# proxy_set_header, is inherited only by a location that declares none of its own:
+# include uwsgi_params in the location too.""",
+    }[flavour]
+    return f"""\
+# authd, location context: protect this location ({upstream} upstreams).
+# After authd-http.conf and authd-server.conf are included, two lines protect a location:
+#
+#     location /wiki/ {{
+#         set ${POLICY_VARIABLE} wiki;    # the [policies.wiki] table of authd.toml
+#         include {file_name(context)};
+#         {upstream} ...;
+#     }}
+#
+# Every identity header is set from authd's answer, overwriting whatever the client
+# sent (a header authd leaves out is removed). {CLOUDFLARE_EMAIL_HEADER}, which
+# Cloudflare does not sign, is overwritten with the verified email.
+{sets_doc}
+# Rendered by `authd nginx-snippet --context {context}`; a configuration with custom
+# headers in a policy needs its own rendering.
+auth_request {AUTH_LOCATION};
+{chr(10).join(lines)}
+{chr(10).join(sets)}
+"""
+
+
+def _cgi_name(header: str) -> str:
+    return "HTTP_" + header.upper().replace("-", "_")

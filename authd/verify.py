@@ -1,0 +1,299 @@
+"""Token verification: a token string in, :class:`Claims` or ``Denied(reason)`` out.
+
+The token is parsed exactly once, strictly, by this module: the size, the alphabet
+and canonical base64url of each segment, JSON objects without duplicate members or
+non-finite numbers, a closed set of header members. The signature check is handed
+to PyJWT's algorithm objects with the algorithm taken from the *issuer's allow-list*
+(never from the token alone) and a typed public key; the claim checks after it are
+stricter than PyJWT's (JSON types of time claims, ``exp >= iat``, a bounded lifetime,
+the token ``type``, the audience of the policy).
+
+Security: every check here fails closed. A path that returns ``Claims`` must have
+passed the signature check and every claim check.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.algorithms import get_default_algorithms
+
+from authd.claims import Claims
+from authd.config import ASYMMETRIC_ALGORITHMS
+from authd.errors import Denied, Reason
+
+if TYPE_CHECKING:
+    from authd.config import IssuerConfig
+    from authd.keys import Clock, KeyStore, VerifyKey
+
+# Well below nginx's 8 KiB header-line limit, so that the cap, not nginx, decides; a
+# Cloudflare token is kept under ~4 KiB. Checked before any decoding: a 1 MiB token
+# costs hundreds of times the CPU of a normal one.
+MAX_TOKEN_BYTES = 6144
+MAX_LIFETIME_SECONDS = 400 * 86400  # no real token lives longer; exp = 10**30 is an attack
+ALLOWED_HEADER_MEMBERS = frozenset({"alg", "kid", "typ"})
+
+_STRUCTURE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_ALGORITHMS = {
+    name: alg for name, alg in get_default_algorithms().items() if name in ASYMMETRIC_ALGORITHMS
+}
+_EC_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
+
+
+@dataclass(frozen=True, slots=True)
+class Verifier:
+    """Verifies tokens against the configured issuers, their keys and a clock."""
+
+    issuers: Mapping[str, IssuerConfig]  # by the exact iss URL
+    keys: KeyStore
+    clock: Clock
+    leeway: float
+
+    @property
+    def all_algorithms(self) -> frozenset[str]:
+        return frozenset(a for i in self.issuers.values() for a in i.algorithms)
+
+    async def verify(self, token: str, audience: tuple[str, ...]) -> Claims:
+        """Verify ``token`` for a policy with ``audience``; raise ``Denied`` if it is not valid.
+
+        Raises :class:`authd.errors.KeysUnavailable` when the token names a
+        configured issuer whose key set is not usable: authd cannot decide.
+        """
+        header_b64, payload_b64, sig_b64 = split(token)
+        header = decode_json_segment(header_b64)
+        alg, kid = check_header(header, self.all_algorithms)
+        payload = decode_json_segment(payload_b64)
+
+        iss = payload.get("iss")
+        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise Denied(Reason.BAD_ISSUER, f"iss {_show(iss)} is not a configured issuer")
+        if alg not in issuer.algorithms:
+            raise Denied(Reason.ALG_NOT_ALLOWED, f"{_show(alg)} is not allowed for {issuer.name}")
+
+        store = self.keys.get(issuer.issuer)
+        if store is None:  # the store is built from the same config; this is a bug
+            raise LookupError(f"no key store for issuer {issuer.name}")
+        key = await store.key_for(kid)
+        check_signature(alg, key, f"{header_b64}.{payload_b64}".encode("ascii"), sig_b64)
+        return self._claims(payload, issuer, kid, alg, audience)
+
+    def _claims(
+        self,
+        payload: dict[str, object],
+        issuer: IssuerConfig,
+        kid: str,
+        alg: str,
+        audience: tuple[str, ...],
+    ) -> Claims:
+        exp = check_times(payload, self.clock.time(), self.leeway)
+        check_audience(payload.get("aud"), audience)
+        if issuer.provider == "cloudflare" and payload.get("type") != "app":
+            # The CF_Authorization cookie also carries the global session ("org") token.
+            raise Denied(Reason.BAD_TYPE, f"type {_show(payload.get('type'))}, expected 'app'")
+        email, sub, service_token = identity(payload)
+        return Claims(
+            payload=types.MappingProxyType(payload),
+            issuer_name=issuer.name,
+            iss=issuer.issuer,
+            kid=kid,
+            alg=alg,
+            exp=exp,
+            email=email,
+            sub=sub,
+            service_token=service_token,
+        )
+
+
+def split(token: str) -> tuple[str, str, str]:
+    """Three base64url segments, or ``Denied``; checked before anything is decoded."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise Denied(Reason.TOKEN_TOO_LARGE, f"{len(token)} bytes > {MAX_TOKEN_BYTES}")
+    if not token.isascii() or not _STRUCTURE.fullmatch(token):
+        raise Denied(
+            Reason.MALFORMED,
+            f"not three base64url segments ({token.count('.') + 1} dot-separated parts)",
+        )
+    header_b64, payload_b64, sig_b64 = token.split(".")
+    if not sig_b64:
+        raise Denied(Reason.BAD_SIGNATURE, "empty signature")
+    return header_b64, payload_b64, sig_b64
+
+
+def b64decode(segment: str) -> bytes:
+    """Strict, canonical base64url without padding (RFC 7515 section 2)."""
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as ex:
+        raise Denied(Reason.MALFORMED, "bad base64url") from ex
+    # Non-canonical encodings (stray bits in the last character) decode to the same
+    # bytes; refuse them so one token has exactly one spelling.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):
+        raise Denied(Reason.MALFORMED, "non-canonical base64url")
+    return raw
+
+
+def decode_json_segment(segment: str) -> dict[str, object]:
+    """A JSON object, strictly: UTF-8, no duplicate members, finite numbers only."""
+    raw = b64decode(segment)
+    try:
+        value = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+        )
+    except (ValueError, RecursionError) as ex:  # UnicodeDecodeError and JSONDecodeError too
+        raise Denied(Reason.MALFORMED, f"segment is not valid JSON ({type(ex).__name__})") from ex
+    if not isinstance(value, dict):
+        raise Denied(Reason.MALFORMED, "segment is not a JSON object")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # Parsers disagree on which duplicate wins; the signer and we might read different claims.
+        raise ValueError("duplicate member")
+    return obj
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_header(header: dict[str, object], allowed: frozenset[str]) -> tuple[str, str]:
+    """The ``alg`` and ``kid`` of a JOSE header that holds nothing else we would have to honour.
+
+    ``jku``, ``x5u``, ``jwk``, ``x5c``, ``crit``, ``b64``, ``zip``, ``enc``, ``cty`` and
+    anything else are refused: keys come only from the configured key source.
+    """
+    extra = header.keys() - ALLOWED_HEADER_MEMBERS
+    if extra:
+        raise Denied(Reason.BAD_HEADER, f"header members not allowed: {_show(sorted(extra))}")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in allowed or alg not in _ALGORITHMS:
+        raise Denied(Reason.ALG_NOT_ALLOWED, f"alg {_show(alg)} is not allowed")
+    typ = header.get("typ", "JWT")
+    if not isinstance(typ, str) or typ.upper() != "JWT":
+        raise Denied(Reason.BAD_HEADER, f"typ {_show(typ)}, expected JWT")
+    kid = header.get("kid")
+    if (
+        not isinstance(kid, str)
+        or not 0 < len(kid) <= 256
+        or not kid.isascii()
+        or not kid.isprintable()
+    ):
+        raise Denied(Reason.BAD_HEADER, "kid missing or not a printable ASCII string")
+    return alg, kid
+
+
+def check_signature(alg: str, key: VerifyKey, signing_input: bytes, sig_b64: str) -> None:
+    """Verify the signature with ``alg`` from the allow-list and a key fit for it."""
+    if key.alg is not None and key.alg != alg:
+        raise Denied(Reason.ALG_NOT_ALLOWED, f"key {key.kid[:16]} is for {_show(key.alg)} only")
+    if not _key_fits(alg, key.key):
+        raise Denied(Reason.ALG_NOT_ALLOWED, f"{alg} does not fit key type of {key.kid[:16]}")
+    signature = b64decode(sig_b64)
+    try:
+        valid = _ALGORITHMS[alg].verify(signing_input, key.key, signature)
+    except ValueError:  # e.g. an ECDSA signature of the wrong length
+        valid = False
+    if not valid:
+        raise Denied(Reason.BAD_SIGNATURE, f"signature does not verify with kid {key.kid[:16]}")
+
+
+def _key_fits(alg: str, key: object) -> bool:
+    if alg.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey)
+    if alg in _EC_CURVES:
+        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(
+            key.curve,
+            _EC_CURVES[alg],
+        )
+    if alg == "EdDSA":
+        return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+    return False
+
+
+def check_times(payload: Mapping[str, object], now: float, leeway: float) -> float:
+    """Check ``exp`` (required), ``nbf`` and ``iat`` (optional) strictly; return ``exp``."""
+    exp = _numeric_date(payload, "exp", required=True)
+    nbf = _numeric_date(payload, "nbf")
+    iat = _numeric_date(payload, "iat")
+    assert exp is not None
+    if exp > now + MAX_LIFETIME_SECONDS:
+        raise Denied(Reason.BAD_CLAIMS, f"exp is more than {MAX_LIFETIME_SECONDS}s in the future")
+    if iat is not None and exp < iat:
+        raise Denied(Reason.BAD_CLAIMS, "exp is before iat")
+    if nbf is not None and exp < nbf:
+        raise Denied(Reason.BAD_CLAIMS, "exp is before nbf")
+    if exp <= now - leeway:
+        raise Denied(Reason.EXPIRED, f"expired {now - exp:.0f}s ago")
+    if nbf is not None and nbf > now + leeway:
+        raise Denied(Reason.NOT_YET_VALID, f"nbf is {nbf - now:.0f}s in the future")
+    if iat is not None and iat > now + leeway:
+        raise Denied(Reason.ISSUED_IN_FUTURE, f"iat is {iat - now:.0f}s in the future")
+    return float(exp)
+
+
+def _numeric_date(
+    payload: Mapping[str, object],
+    name: str,
+    *,
+    required: bool = False,
+) -> float | None:
+    value = payload.get(name)
+    if value is None:
+        if required or name in payload:
+            raise Denied(Reason.BAD_CLAIMS, f"{name} is missing or null")
+        return None
+    # bool is an int in Python, and "1700000000" is a string: neither is a NumericDate.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise Denied(Reason.BAD_CLAIMS, f"{name} is not a finite JSON number")
+    if value < 0:
+        raise Denied(Reason.BAD_CLAIMS, f"{name} is negative")
+    return float(value)
+
+
+def check_audience(aud: object, audience: tuple[str, ...]) -> None:
+    """The token's ``aud`` (a string or an array of strings) must name the policy's audience."""
+    tags = [aud] if isinstance(aud, str) else aud
+    if not isinstance(tags, list) or not tags or not all(isinstance(t, str) for t in tags):
+        raise Denied(Reason.BAD_AUDIENCE, "aud is missing or not a string or array of strings")
+    if not any(t in audience for t in tags):
+        raise Denied(
+            Reason.BAD_AUDIENCE,
+            f"aud {_show(tags)} does not include this policy's audience {_show(list(audience))}",
+        )
+
+
+def identity(payload: Mapping[str, object]) -> tuple[str, str, str]:
+    """(email, sub, service token client id) of a user token or of a service token."""
+    email = payload.get("email", "")
+    sub = payload.get("sub", "")
+    common_name = payload.get("common_name", "")
+    if not (isinstance(email, str) and isinstance(sub, str) and isinstance(common_name, str)):
+        raise Denied(Reason.BAD_CLAIMS, "email, sub and common_name must be strings")
+    if common_name:
+        # A service token: Cloudflare sets sub to "" and sends no email.
+        if email or sub:
+            raise Denied(Reason.BAD_CLAIMS, "common_name together with email or sub")
+        return "", "", common_name
+    if not email:
+        raise Denied(Reason.BAD_CLAIMS, "neither email (user) nor common_name (service token)")
+    return email, sub, ""
+
+
+def _show(value: object, limit: int = 80) -> str:
+    """A claim value for a log detail: repr, capped (the value came from the token)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
