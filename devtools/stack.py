@@ -1,0 +1,1118 @@
+"""Real processes on loopback for the end-to-end tests and the demo.
+
+Everything here runs on 127.0.0.1 or on unix sockets inside a temporary directory, and cleans
+up after itself: each piece is a context manager, subprocesses run in their own process group and
+the whole group is killed on exit. Readiness is always polled (a socket that accepts, a health
+check that answers), with a bounded timeout, never guessed with a sleep.
+
+The pieces:
+
+- `KeyServer`: a JWKS endpoint the test steers at run time (good keys, 500, slow, redirect, garbage,
+  down and up again), counting the requests it gets.
+- `Upstream`: the protected application; records each request and echoes its headers as JSON.
+- `Authd`: `authd serve --config ...` with its stdout and stderr captured line by line.
+- `Nginx`: the Debian nginx with a generated nginx.conf that includes the repo's shipped snippets.
+- `DevKey`: key material from `authd dev keygen`, tokens from `authd dev mint` or signed in-process.
+- `make_config` writes an authd TOML config; `running_stack` starts authd, the upstream and nginx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import http.client
+import json
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO, Any, Self, TypeVar
+
+import jwt
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The shipped snippets; AUTHD_NGINX_DIR points elsewhere (an installed package's copy, say).
+NGINX_SNIPPETS = Path(os.environ.get("AUTHD_NGINX_DIR", REPO_ROOT / "nginx"))
+SHIPPED_LOCATION_SNIPPET = NGINX_SNIPPETS / "authd-location.conf"
+# A policy with a `headers` mapping needs a location snippet rendered for its configuration.
+RENDERED_LOCATION_SNIPPET = "authd-location.rendered.conf"
+NGINX_BIN = Path("/usr/sbin/nginx")
+CERTS_PATH = "/cdn-cgi/access/certs"
+MOVED_PATH = "/moved/certs"
+LOOPBACK = "127.0.0.1"
+
+DEFAULT_ISSUER = "https://test.cloudflareaccess.com"
+WIKI_AUD = "a" * 56 + "0000wiki"
+OPS_AUD = "b" * 56 + "00000ops"
+SERVICE_TOKEN_ID = "e367826f93b8d71185e03fe518aff3b4.access"
+DEFAULT_POLICIES: Mapping[str, Mapping[str, Any]] = {
+    "wiki": {"audience": [WIKI_AUD], "allow_email_domains": ["example.com"]},
+}
+
+POLL_INTERVAL = 0.02
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+
+class StackError(RuntimeError):
+    """A process of the stack did not start, or did not become ready in time."""
+
+
+def authd_executable() -> Path:
+    """The `authd` console script of the running venv, else the repo's `.venv`."""
+    for candidate in (Path(sys.prefix) / "bin" / "authd", REPO_ROOT / ".venv" / "bin" / "authd"):
+        if candidate.exists():
+            return candidate
+    raise StackError("no authd executable: run `make venv` first")
+
+
+def wait_for(
+    condition: Callable[[], T | None],
+    *,
+    what: str,
+    timeout: float = READY_TIMEOUT,
+    interval: float = POLL_INTERVAL,
+) -> T:
+    """Poll `condition` until it returns something truthy and return that; raise after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- subprocesses ---------------------------------------------------------------------------------
+
+
+class _Captured:
+    """One output stream of a subprocess, read line by line by a daemon thread."""
+
+    def __init__(self, stream: IO[bytes], name: str) -> None:
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), name=name, daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        with stream:
+            for raw in stream:
+                line = raw.decode("utf-8", errors="backslashreplace").rstrip("\n")
+                with self._lock:
+                    self._lines.append(line)
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class _Process:
+    """A subprocess in its own process group, with stdout and stderr captured."""
+
+    def __init__(self, argv: Sequence[str | Path], *, name: str, cwd: Path | None = None) -> None:
+        self.name = name
+        self.argv = [str(arg) for arg in argv]
+        self._popen = subprocess.Popen(
+            self.argv,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, so that stop() reaches every child
+        )
+        assert self._popen.stdout is not None
+        assert self._popen.stderr is not None
+        self.stdout = _Captured(self._popen.stdout, f"{name}-stdout")
+        self.stderr = _Captured(self._popen.stderr, f"{name}-stderr")
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    def running(self) -> bool:
+        return self._popen.poll() is None
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send `sig` to the process group, wait, then SIGKILL the group if it lingers."""
+        self._signal_group(sig)
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self._popen.wait(timeout)
+        # Children that ignored the signal would keep the pipes open: make sure the group is gone.
+        self._signal_group(signal.SIGKILL)
+        self.stdout.join(timeout)
+        self.stderr.join(timeout)
+        return self._popen.returncode
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._popen.pid, sig)
+
+    def output(self) -> str:
+        return "\n".join([*self.stdout.lines(), *self.stderr.lines()])
+
+    def describe(self) -> str:
+        """The command, its exit status and its output, for error messages."""
+        return (
+            f"{self.name}: {' '.join(self.argv)}\n"
+            f"exit status: {self.returncode}\n"
+            f"--- stdout ---\n{chr(10).join(self.stdout.lines())}\n"
+            f"--- stderr ---\n{chr(10).join(self.stderr.lines())}"
+        )
+
+
+def _run(argv: Sequence[str | Path], *, what: str, timeout: float = 60.0) -> str:
+    """Run a short command; return its stdout, or raise with its output on failure."""
+    command = [str(arg) for arg in argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise StackError(
+            f"{what} failed ({result.returncode}): {' '.join(command)}\n"
+            f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+        )
+    return result.stdout
+
+
+# --- HTTP over TCP or a unix socket ---------------------------------------------------------------
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where a server listens: `unix:/path` or `host:port`, as in authd's `listen` setting."""
+
+    unix_path: Path | None = None
+    host: str = LOOPBACK
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Listen:
+        if text.startswith("unix:"):
+            return cls(unix_path=Path(text.removeprefix("unix:")))
+        host, _, port = text.rpartition(":")
+        return cls(host=host.strip("[]"), port=int(port))
+
+    def accepts(self) -> bool:
+        """Whether a connection to it succeeds right now."""
+        family = socket.AF_UNIX if self.unix_path else socket.AF_INET
+        address: str | tuple[str, int] = (
+            str(self.unix_path) if self.unix_path else (self.host, self.port)
+        )
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            try:
+                sock.connect(address)
+            except OSError:
+                return False
+            return True
+
+    def connection(self, timeout: float = 5.0) -> http.client.HTTPConnection:
+        if self.unix_path:
+            return _UnixHTTPConnection(str(self.unix_path), timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A plain HTTP answer: status, headers (names lower-cased, in order) and body."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name.lower()), None)
+
+
+def http_request(
+    listen: Listen,
+    path: str,
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 5.0,
+) -> Answer:
+    conn = listen.connection(timeout)
+    try:
+        conn.request(method, path, headers=dict(headers or {}))
+        response = conn.getresponse()
+        body = response.read()
+        return Answer(
+            status=response.status,
+            headers=tuple((k.lower(), v) for k, v in response.getheaders()),
+            body=body,
+        )
+    finally:
+        conn.close()
+
+
+# --- in-process HTTP servers ----------------------------------------------------------------------
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """A threaded stdlib server that knows its owner and skips the reverse DNS lookup on bind."""
+
+    def __init__(self, port: int, handler: type[BaseHTTPRequestHandler], owner: object) -> None:
+        self.owner = owner
+        super().__init__((LOOPBACK, port), handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would call socket.getfqdn(): a DNS lookup we do not need.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+        self.server_name = LOOPBACK
+        self.server_port = self.server_address[1]
+
+
+class _QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that does not write an access log to stderr."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002, ARG002 - stdlib's signature
+        return
+
+    def send_body(
+        self, status: int, body: bytes, content_type: str, extra: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in extra:
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a size cap or a timeout on its side): nothing to do
+
+
+class _LoopbackServer:
+    """Owns a `_HTTPServer` on 127.0.0.1 and the thread that serves it."""
+
+    handler: type[BaseHTTPRequestHandler]
+
+    def __init__(self, port: int = 0) -> None:
+        self._port = port
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self._port}"
+
+    def _listen(self) -> None:
+        if self._httpd is not None:
+            return
+        self._httpd = _HTTPServer(self._port, self.handler, self)
+        self._port = self._httpd.server_port
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"{type(self).__name__}-{self._port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _close(self) -> None:
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT)
+        self._httpd = None
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        self._listen()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._close()
+
+
+# --- the key server -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyReply:
+    """What the key server answers at the certs path."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    delay: float = 0.0
+
+
+class _KeyHandler(_QuietHandler):
+    server: _HTTPServer
+
+    def do_GET(self) -> None:
+        owner = self.server.owner
+        assert isinstance(owner, KeyServer)
+        reply = owner.record(self.path)
+        if self.path == MOVED_PATH:
+            # The target of `redirect()` serves the good keys: following the redirect would work.
+            self.send_body(200, owner.jwks, "application/json")
+            return
+        if self.path != CERTS_PATH:
+            self.send_body(404, b"not found\n", "text/plain")
+            return
+        if reply.delay and owner.closing.wait(reply.delay):
+            return  # shutting down while slow: just drop the connection
+        self.send_body(reply.status, reply.body, reply.content_type, reply.headers)
+
+
+class KeyServer(_LoopbackServer):
+    """A JWKS endpoint at `CERTS_PATH` on 127.0.0.1, steerable while tests run.
+
+    Every request is counted (`request_count`, `paths`), whatever it is answered.
+    """
+
+    handler = _KeyHandler
+
+    def __init__(self, jwks: bytes | Mapping[str, Any] = b'{"keys": []}', port: int = 0) -> None:
+        super().__init__(port)
+        self._lock = threading.Lock()
+        self._jwks = _as_json_bytes(jwks)
+        self._reply = KeyReply(body=self._jwks)
+        self._paths: list[str] = []
+        self.closing = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}{CERTS_PATH}"
+
+    @property
+    def jwks(self) -> bytes:
+        with self._lock:
+            return self._jwks
+
+    @property
+    def request_count(self) -> int:
+        with self._lock:
+            return len(self._paths)
+
+    @property
+    def paths(self) -> list[str]:
+        with self._lock:
+            return list(self._paths)
+
+    def record(self, path: str) -> KeyReply:
+        with self._lock:
+            self._paths.append(path)
+            return self._reply
+
+    def reply(self, reply: KeyReply) -> None:
+        with self._lock:
+            self._reply = reply
+
+    # Steering -----------------------------------------------------------------------------------
+
+    def serve_jwks(self, jwks: bytes | Mapping[str, Any] | None = None) -> None:
+        """Answer 200 with `jwks` (or the keys served last), and remember them as the good set."""
+        with self._lock:
+            if jwks is not None:
+                self._jwks = _as_json_bytes(jwks)
+            self._reply = KeyReply(body=self._jwks)
+
+    def fail(self, status: int = 500) -> None:
+        self.reply(KeyReply(status=status, body=b"internal error\n", content_type="text/plain"))
+
+    def slow(self, seconds: float) -> None:
+        """Answer the good keys, but only after `seconds`."""
+        self.reply(KeyReply(body=self.jwks, delay=seconds))
+
+    def redirect(self, status: int = 302) -> None:
+        """Redirect to `MOVED_PATH`, which serves the good keys: only a client that follows wins."""
+        self.reply(KeyReply(status=status, headers=(("Location", self.base_url + MOVED_PATH),)))
+
+    def serve_html(self) -> None:
+        page = b"<!DOCTYPE html><html><body><h1>Sign in</h1></body></html>\n"
+        self.reply(KeyReply(body=page, content_type="text/html"))
+
+    def serve_garbage(self) -> None:
+        self.reply(KeyReply(body=bytes(range(256)) * 4, content_type="application/octet-stream"))
+
+    def serve_truncated(self) -> None:
+        self.reply(KeyReply(body=self.jwks[: len(self.jwks) // 2]))
+
+    def serve_empty_object(self) -> None:
+        self.reply(KeyReply(body=b"{}"))
+
+    def serve_huge(self, size: int = 10 * 1024 * 1024) -> None:
+        """A syntactically valid JWKS of `size` bytes, padded with a long string member."""
+        head, tail = b'{"keys": [], "padding": "', b'"}'
+        self.reply(KeyReply(body=head + b"x" * (size - len(head) - len(tail)) + tail))
+
+    def down(self) -> None:
+        """Close the listener: connections are refused until `up()`."""
+        self.closing.set()
+        self._close()
+
+    def up(self) -> None:
+        """Listen again, on the same port."""
+        self.closing.clear()
+        self._listen()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.closing.set()
+        super().__exit__(*exc_info)
+
+
+def _as_json_bytes(value: bytes | Mapping[str, Any]) -> bytes:
+    return value if isinstance(value, bytes) else json.dumps(value).encode()
+
+
+# --- the upstream application ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One request as the upstream application saw it. Header names are lower-cased."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+
+    def values(self, name: str) -> list[str]:
+        """Every value of header `name`, in arrival order (empty if it did not arrive)."""
+        return [v for k, v in self.headers if k == name.lower()]
+
+    def get(self, name: str) -> str | None:
+        values = self.values(name)
+        return values[0] if values else None
+
+    def names(self) -> set[str]:
+        return {k for k, _ in self.headers}
+
+    def as_json(self) -> dict[str, Any]:
+        merged: dict[str, str] = {}
+        for name, value in self.headers:
+            merged[name] = f"{merged[name]}, {value}" if name in merged else value
+        return {"method": self.method, "path": self.path, "headers": merged}
+
+
+class _UpstreamHandler(_QuietHandler):
+    server: _HTTPServer
+    protocol_version = "HTTP/1.1"  # keep-alive, as nginx may use it towards the upstream
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        received = ReceivedRequest(
+            method=self.command,
+            path=self.path,
+            headers=tuple((k.lower(), v) for k, v in self.headers.items()),
+        )
+        owner = self.server.owner
+        assert isinstance(owner, Upstream)
+        owner.record(received)
+        body = json.dumps(received.as_json(), indent=2, sort_keys=True).encode() + b"\n"
+        self.send_body(200, body, "application/json")
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+
+class Upstream(_LoopbackServer):
+    """The protected application: records every request, answers 200 echoing its headers as JSON."""
+
+    handler = _UpstreamHandler
+
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(port)
+        self._lock = threading.Lock()
+        self._requests: list[ReceivedRequest] = []
+
+    def record(self, received: ReceivedRequest) -> None:
+        with self._lock:
+            self._requests.append(received)
+
+    @property
+    def requests(self) -> list[ReceivedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def requests_for(self, path: str) -> list[ReceivedRequest]:
+        """The requests whose path (query string included) is exactly `path`."""
+        return [r for r in self.requests if r.path == path]
+
+
+# --- key material and tokens ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevKey:
+    """A signing key made by `authd dev keygen`: `private.pem` and `jwks.json` in `directory`."""
+
+    directory: Path
+
+    @classmethod
+    def create(cls, directory: Path, *, exe: Path | None = None) -> DevKey:
+        directory.mkdir(parents=True, exist_ok=True)
+        _run([exe or authd_executable(), "dev", "keygen", directory], what="authd dev keygen")
+        return cls(directory)
+
+    @property
+    def private_pem_path(self) -> Path:
+        return self.directory / "private.pem"
+
+    @property
+    def jwks_path(self) -> Path:
+        return self.directory / "jwks.json"
+
+    @property
+    def jwks(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(self.jwks_path.read_text())
+        return loaded
+
+    @property
+    def jwk(self) -> dict[str, Any]:
+        key: dict[str, Any] = self.jwks["keys"][0]
+        return key
+
+    @property
+    def kid(self) -> str:
+        kid: str = self.jwk["kid"]
+        return kid
+
+    def sign(
+        self,
+        claims: Mapping[str, Any],
+        *,
+        headers: Mapping[str, Any] | None = None,
+        algorithm: str = "RS256",
+    ) -> str:
+        """Sign `claims` in-process with PyJWT; the header has this key's kid unless overridden."""
+        return jwt.encode(
+            dict(claims),
+            self.private_pem_path.read_bytes(),
+            algorithm=algorithm,
+            headers={"kid": self.kid, **(headers or {})},
+        )
+
+    def mint(  # noqa: PLR0913 - one keyword per option of `authd dev mint`
+        self,
+        *,
+        iss: str,
+        aud: str,
+        email: str | None = None,
+        ttl: int | None = None,
+        token_type: str | None = None,
+        service_token: str | None = None,
+        claims: Mapping[str, str] | None = None,
+        exe: Path | None = None,
+    ) -> str:
+        """A token from `authd dev mint`, the way an operator makes one."""
+        argv: list[str | Path] = [exe or authd_executable(), "dev", "mint"]
+        argv += ["--key", self.private_pem_path, "--iss", iss, "--aud", aud]
+        if email is not None:
+            argv += ["--email", email]
+        if ttl is not None:
+            argv.append(f"--ttl={ttl}")  # `=` so that a negative ttl is not taken for an option
+        if token_type is not None:
+            argv += ["--type", token_type]
+        if service_token is not None:
+            argv += ["--service-token", service_token]
+        for name, value in (claims or {}).items():
+            argv += ["--claim", f"{name}={value}"]
+        return _run(argv, what="authd dev mint").strip()
+
+
+def jwks_of(*keys: DevKey) -> dict[str, Any]:
+    """One Cloudflare-shaped key set with the public keys of all `keys` (the first is current)."""
+    sets = [key.jwks for key in keys]
+    merged: dict[str, Any] = {"keys": [jwk for s in sets for jwk in s["keys"]]}
+    if "public_cert" in sets[0]:
+        merged["public_cert"] = sets[0]["public_cert"]
+    if all("public_certs" in s for s in sets):
+        merged["public_certs"] = [cert for s in sets for cert in s["public_certs"]]
+    return merged
+
+
+# --- authd configuration --------------------------------------------------------------------------
+
+
+def make_config(  # noqa: PLR0913 - one keyword per setting of the config file
+    tmpdir: Path,
+    *,
+    jwks_url: str | None = None,
+    jwks_file: Path | None = None,
+    policies: Mapping[str, Mapping[str, Any]] = DEFAULT_POLICIES,
+    issuer: str = DEFAULT_ISSUER,
+    listen: str | None = None,
+    leeway_seconds: int = 30,
+    refetch_cooldown_seconds: int = 60,
+    refresh_seconds: int = 3600,
+    max_stale_seconds: int = 86400,
+    fetch_timeout_seconds: int = 10,
+    name: str = "authd.toml",
+) -> Path:
+    """Write an authd config to `tmpdir/name` and return its path.
+
+    Exactly one of `jwks_url` and `jwks_file` names where the issuer's keys come from.
+    """
+    if (jwks_url is None) == (jwks_file is None):
+        raise ValueError("give exactly one of jwks_url and jwks_file")
+    source = {"jwks_url": jwks_url} if jwks_url is not None else {"jwks_file": str(jwks_file)}
+    top = {
+        "listen": listen or f"unix:{tmpdir / 'authd.sock'}",
+        "leeway_seconds": leeway_seconds,
+    }
+    issuer_table = {
+        "name": "test",
+        "issuer": issuer,
+        **source,
+        "refetch_cooldown_seconds": refetch_cooldown_seconds,
+        "refresh_seconds": refresh_seconds,
+        "max_stale_seconds": max_stale_seconds,
+        "fetch_timeout_seconds": fetch_timeout_seconds,
+    }
+    lines = [f"{key} = {_toml(value)}" for key, value in top.items()]
+    lines += ["", "[[issuers]]"]
+    lines += [f"{key} = {_toml(value)}" for key, value in issuer_table.items()]
+    for policy, settings in policies.items():
+        lines += ["", f"[policies.{_toml_key(policy)}]"]
+        lines += [f"{_toml_key(key)} = {_toml(value)}" for key, value in settings.items()]
+    path = tmpdir / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: object) -> str:
+    """The TOML spelling of the few value types authd's config uses."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"no TOML spelling for {value!r}")
+
+
+def _toml_key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)
+
+
+# --- authd ----------------------------------------------------------------------------------------
+
+
+class Authd:
+    """`authd serve --config PATH` as a subprocess, with its output captured.
+
+    `start()` waits until the listen socket accepts and `GET /healthz` answers 200 (or, with
+    `require_healthy=False`, answers at all: a cold start without keys may report itself unhealthy).
+    """
+
+    def __init__(
+        self,
+        config: Path,
+        *,
+        exe: Path | None = None,
+        require_healthy: bool = True,
+        ready_timeout: float = READY_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self.listen = Listen.parse(tomllib.loads(config.read_text())["listen"])
+        self._exe = exe or authd_executable()
+        self._require_healthy = require_healthy
+        self._ready_timeout = ready_timeout
+        self._process: _Process | None = None
+        self._earlier_output: list[str] = []
+
+    @property
+    def process(self) -> _Process:
+        if self._process is None:
+            raise StackError("authd is not started")
+        return self._process
+
+    def start(self) -> Self:
+        self._process = _Process([self._exe, "serve", "--config", self.config], name="authd")
+        try:
+            wait_for(self._ready, what="authd to answer /healthz", timeout=self._ready_timeout)
+        except (TimeoutError, StackError) as ex:
+            description = self.process.describe()
+            self.stop()
+            raise StackError(f"authd did not become ready: {ex}\n{description}") from ex
+        return self
+
+    def _ready(self) -> bool:
+        if not self.process.running():
+            raise StackError("authd exited during startup")
+        if not self.listen.accepts():
+            return False
+        try:
+            status = self.healthz()
+        except OSError:
+            return False
+        return status == 200 or not self._require_healthy
+
+    def healthz(self) -> int:
+        return http_request(self.listen, "/healthz").status
+
+    def request(self, path: str, headers: Mapping[str, str] | None = None) -> Answer:
+        """A request straight to authd, bypassing nginx."""
+        return http_request(self.listen, path, headers=headers)
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.running()
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for exit; the output stays readable afterwards."""
+        if self._process is None:
+            return None
+        code = self._process.stop(signal.SIGTERM)
+        self._earlier_output.append(self._process.output())
+        self._process = None
+        return code
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # Output -------------------------------------------------------------------------------------
+
+    def stdout_lines(self) -> list[str]:
+        return self._process.stdout.lines() if self._process else []
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every stdout line that is a JSON object, parsed."""
+        parsed = []
+        for line in self.stdout_lines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                parsed.append(event)
+        return parsed
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        """The decision events: exactly one per `/auth` request."""
+        return [event for event in self.events() if event.get("event") == "decision"]
+
+    def wait_for_audit(
+        self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """Poll until at least one decision event matches; return all that match."""
+        return wait_for(
+            lambda: [line for line in self.audit_lines() if predicate(line)],
+            what="a matching audit line",
+            timeout=timeout,
+        )
+
+    def all_output(self) -> str:
+        """All of authd's stdout and stderr so far, across restarts."""
+        current = [self._process.output()] if self._process else []
+        return "\n".join([*self._earlier_output, *current])
+
+
+# --- nginx ----------------------------------------------------------------------------------------
+
+
+def protected_location(
+    path: str,
+    policy: str,
+    upstream_url: str,
+    *,
+    snippet: Path = SHIPPED_LOCATION_SNIPPET,
+    extra: str = "",
+) -> str:
+    """A location protected by authd, as the README tells operators: set the policy, include the
+    location snippet, pass to the upstream. `extra` adds directives of the location's own."""
+    return (
+        f"location {path} {{\n"
+        f"    set $authd_policy {policy};\n"
+        f"    include {snippet};\n"
+        f"{_indent(extra, 4)}"
+        f"    proxy_pass {upstream_url};\n"
+        f"}}\n"
+    )
+
+
+def _indent(text: str, width: int) -> str:
+    if not text.strip():
+        return ""
+    pad = " " * width
+    return "".join(pad + line + "\n" for line in text.strip("\n").splitlines())
+
+
+class Nginx:
+    """The Debian nginx on 127.0.0.1, configured in `workdir` with the repo's shipped snippets.
+
+    Only the http-context `upstream authd` block is generated, by `authd nginx-snippet`; the server
+    and location contexts include `nginx/authd-server.conf` and `nginx/authd-location*.conf`.
+    For policies with custom headers, `authd nginx-snippet --context location` is also rendered
+    to `rendered_location_snippet` in `workdir`, for locations that include it.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        authd_config: Path,
+        locations: Sequence[str],
+        port: int | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.authd_config = authd_config
+        self.locations = list(locations)
+        self.port = port or free_port()
+        self._exe = authd_executable()
+        self.conf_path = workdir / "nginx.conf"
+        self.error_log = workdir / "nginx-error.log"
+        self.access_log = workdir / "nginx-access.log"
+        self._process: _Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def rendered_location_snippet(self) -> Path:
+        return self.workdir / RENDERED_LOCATION_SNIPPET
+
+    def _snippet(self, context: str) -> str:
+        return _run(
+            [self._exe, "nginx-snippet", "--config", self.authd_config, "--context", context],
+            what=f"authd nginx-snippet --context {context}",
+        )
+
+    def render(self) -> str:
+        """The nginx.conf; it also writes the rendered location snippet it may include."""
+        self.rendered_location_snippet.write_text(self._snippet("location"))
+        http_snippet = self._snippet("http")
+        tmp = self.workdir / "nginx-temp"
+        return _NGINX_CONF.format(
+            user=_nginx_user(),
+            pid=self.workdir / "nginx.pid",
+            lock=self.workdir / "nginx.lock",
+            error_log=self.error_log,
+            access_log=self.access_log,
+            tmp=tmp,
+            authd_http=_indent(http_snippet, 4),
+            port=self.port,
+            server_snippet=NGINX_SNIPPETS / "authd-server.conf",
+            locations=_indent("\n".join(self.locations), 8),
+        )
+
+    def start(self) -> Self:
+        if not NGINX_BIN.exists():
+            raise StackError(f"{NGINX_BIN} is missing: run `make deps`")
+        (self.workdir / "nginx-temp").mkdir(exist_ok=True)
+        self.conf_path.write_text(self.render())
+        argv: list[str | Path] = [NGINX_BIN, "-c", self.conf_path, "-p", self.workdir]
+        _run([*argv, "-t", "-q"], what="nginx -t")
+        self._process = _Process(argv, name="nginx")
+        try:
+            wait_for(self._ready, what=f"nginx on port {self.port}")
+        except (TimeoutError, StackError) as ex:
+            description = self._process.describe() + "\n--- error log ---\n" + self.error_log_text()
+            self.stop()
+            raise StackError(f"nginx did not start: {ex}\n{description}") from ex
+        return self
+
+    def _ready(self) -> bool:
+        assert self._process is not None
+        if not self._process.running():
+            raise StackError("nginx exited during startup")
+        return (self.workdir / "nginx.pid").exists() and Listen(port=self.port).accepts()
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop(signal.SIGTERM)
+            self._process = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def error_log_text(self) -> str:
+        return _read_if_exists(self.error_log)
+
+    def access_log_text(self) -> str:
+        return _read_if_exists(self.access_log)
+
+    def all_output(self) -> str:
+        """nginx's logs and whatever it wrote to stdout and stderr."""
+        captured = self._process.output() if self._process else ""
+        return f"{self.error_log_text()}\n{self.access_log_text()}\n{captured}"
+
+
+def _read_if_exists(path: Path) -> str:
+    return path.read_text(errors="backslashreplace") if path.exists() else ""
+
+
+def _nginx_user() -> str:
+    """A `user` line for a root master (workers run as us, so they reach authd's private socket)."""
+    if os.geteuid() != 0:
+        return ""  # nginx ignores `user` unless it runs as root, and warns about it
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
+
+
+_NGINX_CONF = """\
+{user}
+daemon off;
+worker_processes 1;
+master_process on;
+pid {pid};
+lock_file {lock};
+error_log {error_log} info;
+
+events {{
+    worker_connections 256;
+}}
+
+http {{
+    access_log {access_log};
+    default_type application/octet-stream;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+
+    # Generated by `authd nginx-snippet --context http` for this authd's listen address.
+{authd_http}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+
+        include {server_snippet};
+
+{locations}
+        location / {{
+            return 404;
+        }}
+    }}
+}}
+"""
+
+
+# --- the whole stack ------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """authd, the upstream application and nginx in front of both, all running."""
+
+    workdir: Path
+    config: Path
+    authd: Authd
+    upstream: Upstream
+    nginx: Nginx
+
+    @property
+    def url(self) -> str:
+        return self.nginx.url
+
+
+@contextlib.contextmanager
+def running_stack(
+    workdir: Path,
+    config: Path,
+    *,
+    extra_locations: Callable[[str], Sequence[str]] | None = None,
+    require_healthy: bool = True,
+) -> Iterator[Stack]:
+    """Start authd, the upstream and nginx; stop them all on exit, in reverse order.
+
+    nginx gets one protected location `/<policy>/` per policy of `config`, proxying to the upstream
+    (with the shipped location snippet, or for a policy with custom headers the rendered one), plus
+    the `location` blocks that `extra_locations(upstream_url)` returns (see
+    `protected_location`).
+    """
+    policies = tomllib.loads(config.read_text()).get("policies", {})
+    with contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(Upstream())
+        authd = stack.enter_context(Authd(config, require_healthy=require_healthy))
+        rendered = workdir / RENDERED_LOCATION_SNIPPET
+        locations = [
+            protected_location(
+                f"/{name}/",
+                name,
+                upstream.base_url,
+                snippet=rendered if settings.get("headers") else SHIPPED_LOCATION_SNIPPET,
+            )
+            for name, settings in policies.items()
+        ]
+        if extra_locations is not None:
+            locations += extra_locations(upstream.base_url)
+        nginx = stack.enter_context(Nginx(workdir, authd_config=config, locations=locations))
+        yield Stack(workdir=workdir, config=config, authd=authd, upstream=upstream, nginx=nginx)
+
+
+@contextlib.contextmanager
+def temporary_workdir(prefix: str = "authd-stack-") -> Iterator[Path]:
+    """A private temporary directory, removed on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as name:
+        yield Path(name)
