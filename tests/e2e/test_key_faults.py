@@ -1,0 +1,64 @@
+"""A key server that fails after a good start: the last good keys keep users working.
+
+An unknown kid makes authd refetch (at most once per cooldown, 1 s here), so a stranger's token
+is how these tests make authd meet the failing key server.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from devtools.stack import wait_for
+
+pytestmark = pytest.mark.e2e
+
+FAULTS = [
+    pytest.param(lambda server: server.down(), id="down"),
+    pytest.param(lambda server: server.fail(500), id="500"),
+    pytest.param(lambda server: server.fail(503), id="503"),
+    pytest.param(lambda server: server.redirect(), id="redirect"),
+    pytest.param(lambda server: server.serve_html(), id="html"),
+    pytest.param(lambda server: server.serve_garbage(), id="garbage"),
+    pytest.param(lambda server: server.serve_truncated(), id="truncated-json"),
+    pytest.param(lambda server: server.serve_empty_object(), id="empty-object"),
+    pytest.param(lambda server: server.serve_huge(), id="10-MiB"),
+    pytest.param(lambda server: server.slow(5), id="slower-than-the-fetch-timeout"),
+]
+
+
+@pytest.fixture(scope="module")
+def stack_settings():
+    return {"refetch_cooldown_seconds": 1, "fetch_timeout_seconds": 1}
+
+
+@pytest.fixture
+def failing_key_server(module_key_server):
+    """The shared stack's key server, put back to serving good keys after the test."""
+    yield module_key_server
+    module_key_server.up()
+    module_key_server.serve_jwks()
+
+
+@pytest.mark.parametrize("misbehave", FAULTS)
+def test_users_keep_working_on_the_last_good_keys(
+    visit, failing_key_server, make_token, next_key, misbehave
+):
+    def failed_fetches() -> int:
+        events = visit.stack.authd.events()
+        return sum(1 for e in events if e.get("event") == "keys_fetch_failed")
+
+    misbehave(failing_key_server)
+    before = failed_fetches()
+    stranger = make_token(key=next_key)
+
+    def refetch_failed() -> bool:
+        seen = visit("/wiki/", token=stranger)
+        assert (seen.status, seen.audit["reason"]) == (401, "unknown_kid")
+        return failed_fetches() > before
+
+    wait_for(refetch_failed, what="a refetch to fail", timeout=20, interval=0.3)
+    seen = visit("/wiki/", token=make_token(email="alice@example.com"))
+
+    assert seen.status == 200
+    assert seen.received is not None
+    assert seen.received.values("x-authd-email") == ["alice@example.com"]
