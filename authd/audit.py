@@ -30,8 +30,17 @@ _SHARED: list[Any] = [
 ]
 
 
-def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
-    """Render every event, authd's and the libraries' (uvicorn, httpx), as one JSON line."""
+def configure(
+    stream: TextIO | None = None,
+    level: int = logging.INFO,
+    *,
+    cache: bool = True,
+) -> None:
+    """Render every event, authd's and the libraries' (uvicorn, httpx), as one JSON line.
+
+    ``cache`` freezes each logger's configuration on first use (the daemon's hot path);
+    one-shot commands and tests that reconfigure logging pass False.
+    """
     stream = stream if stream is not None else sys.stdout
     structlog.configure(
         processors=[
@@ -41,7 +50,7 @@ def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.WriteLoggerFactory(file=stream),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(

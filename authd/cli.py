@@ -302,7 +302,7 @@ def _verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     token = sys.stdin.read() if args.token == "-" else args.token
     token = token.strip()
     # Key fetch problems are worth seeing here, on stderr, away from the explanation.
-    audit.configure(stream=sys.stderr, level=logging.WARNING)
+    audit.configure(stream=sys.stderr, level=logging.WARNING, cache=False)
     decision = asyncio.run(_decide_once(cfg, args.policy, token))
     report = _explain(decision, token)
     if args.json:

@@ -1,0 +1,209 @@
+"""Factories shared by the unit tests: keys, forged tokens, a clock, a key source, the app."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from dataclasses import dataclass
+
+import pytest
+import structlog
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from authd import config as config_mod
+from authd.dev import key_set, thumbprint
+from authd.errors import FetchError
+from authd.keys import Fetched, IssuerKeys, KeyStore
+
+ISSUER = "https://team.cloudflareaccess.com"
+AUD = "a" * 64
+OTHER_AUD = "b" * 64
+NOW = 1_800_000_000.0
+
+
+def b64(data: bytes | str) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    """Undo any test's ``audit.configure``: the next test starts from the defaults."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def foreign_key() -> rsa.RSAPrivateKey:
+    """A key the issuer never published."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def kid(rsa_key) -> str:
+    return thumbprint(rsa_key.public_key())
+
+
+class Forge:
+    """Builds tokens byte for byte: any header, any payload, any signature.
+
+    ``header``/``payload`` may be dicts (serialized compactly) or raw strings (sent
+    as they are, so duplicate members and odd numbers are possible).
+    """
+
+    def __init__(self, key: rsa.RSAPrivateKey, kid: str) -> None:
+        self.key = key
+        self.kid = kid
+
+    def header(self, **overrides: object) -> dict[str, object]:
+        return {"alg": "RS256", "kid": self.kid, "typ": "JWT"} | overrides
+
+    def claims(self, **overrides: object) -> dict[str, object]:
+        base: dict[str, object] = {
+            "aud": [AUD],
+            "email": "alice@example.com",
+            "exp": int(NOW) + 3600,
+            "iat": int(NOW) - 10,
+            "nbf": int(NOW) - 10,
+            "iss": ISSUER,
+            "type": "app",
+            "identity_nonce": "nonce-1",
+            "sub": "7335d417-61da-459d-899c-0a01c76a8e1f",
+            "country": "DE",
+            "custom": {"groups": ["sre", "ops"], "department": "infra"},
+        }
+        out = base | overrides
+        return {k: v for k, v in out.items() if v is not _DROP}
+
+    def token(
+        self,
+        header: dict[str, object] | str | None = None,
+        payload: dict[str, object] | str | None = None,
+        *,
+        key: rsa.RSAPrivateKey | None = None,
+        signature: str | None = None,
+    ) -> str:
+        h = header if header is not None else self.header()
+        p = payload if payload is not None else self.claims()
+        h_raw = h if isinstance(h, str) else json.dumps(h, separators=(",", ":"))
+        p_raw = p if isinstance(p, str) else json.dumps(p, separators=(",", ":"))
+        signing_input = f"{b64(h_raw)}.{b64(p_raw)}"
+        if signature is None:
+            sig = (key or self.key).sign(
+                signing_input.encode(),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+            signature = b64(sig)
+        return f"{signing_input}.{signature}"
+
+    def valid(self, **claims: object) -> str:
+        return self.token(payload=self.claims(**claims))
+
+
+_DROP = object()
+
+
+@pytest.fixture(scope="session")
+def drop() -> object:
+    """Pass as a claim override to leave that claim out."""
+    return _DROP
+
+
+@pytest.fixture(scope="session")
+def forge(rsa_key, kid) -> Forge:
+    return Forge(rsa_key, kid)
+
+
+@dataclass
+class FakeClock:
+    now: float = NOW
+    mono: float = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.mono += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@dataclass
+class FakeSource:
+    """A key source a test can steer: a body to serve, or an error to raise."""
+
+    body: bytes = b""
+    error: str | None = None
+    max_age: float | None = None
+    calls: int = 0
+    gate: asyncio.Event | None = None  # when set, fetches wait for it
+
+    async def fetch(self) -> Fetched:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise FetchError(self.error)
+        return Fetched(self.body, self.max_age)
+
+    def serve(self, *keys: rsa.RSAPrivateKey) -> None:
+        self.body = json.dumps(key_set(list(keys))).encode()
+        self.error = None
+
+
+@pytest.fixture
+def source(rsa_key) -> FakeSource:
+    s = FakeSource()
+    s.serve(rsa_key)
+    return s
+
+
+def issuer_config(**overrides: object) -> config_mod.IssuerConfig:
+    values: dict[str, object] = {
+        "name": "team",
+        "issuer": ISSUER,
+        "jwks_url": f"{ISSUER}/cdn-cgi/access/certs",
+        "jwks_file": None,
+    }
+    return config_mod.IssuerConfig(**(values | overrides))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def issuer_keys(source, clock) -> IssuerKeys:
+    return IssuerKeys(issuer_config(), source, clock)
+
+
+@pytest.fixture
+async def store(issuer_keys) -> KeyStore:
+    s = KeyStore({ISSUER: issuer_keys})
+    await issuer_keys.refresh()
+    return s
+
+
+def make_config(**policies: dict[str, object]) -> config_mod.Config:
+    """A parsed configuration with one issuer and the given policies (default: wiki)."""
+    raw: dict[str, object] = {
+        "issuers": [{"name": "team", "issuer": ISSUER, "jwks_url": f"{ISSUER}/certs"}],
+        "policies": policies or {"wiki": {"audience": [AUD]}},
+    }
+    return config_mod.parse(raw)

@@ -1,0 +1,231 @@
+import json
+import socket
+import stat
+import time
+
+import pytest
+
+from authd import cli, dev
+from authd.config import Listen
+
+
+@pytest.fixture
+def setup(tmp_path):
+    pem, jwks = dev.keygen(tmp_path / "keys")
+    path = tmp_path / "authd.toml"
+    path.write_text(
+        f"""
+listen = "unix:{tmp_path}/authd.sock"
+[[issuers]]
+name = "dev"
+issuer = "{dev.DEV_ISSUER}"
+jwks_file = "{jwks}"
+[policies.wiki]
+audience = ["{dev.DEV_AUDIENCE}"]
+allow_email_domains = ["example.com"]
+headers = {{ "X-Authd-Department" = "custom.department" }}
+""",
+    )
+    return path, dev.load_private_key(pem)
+
+
+def mint(key, **kwargs) -> str:
+    return dev.mint(key, dev.claims(now=time.time(), **kwargs))
+
+
+def run(capsys, *argv, env=None):
+    code = cli.main(list(argv), env=env or {})
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_check_config_ok(capsys, setup):
+    path, _ = setup
+    code, out, _ = run(capsys, "check-config", "--config", str(path))
+    assert code == 0
+    assert "ok (1 issuer(s), 1 policy(ies)" in out
+
+
+def test_check_config_lists_every_problem_and_fails(capsys, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('listen = "x"\nsurprise = 1\n[policies.wiki]\nallow_emails = ["nope"]\n')
+    code, out, _ = run(capsys, "check-config", "--config", str(path))
+    assert code == 2
+    assert out.splitlines() == [
+        "listen: expected HOST:PORT or unix:/path/to.sock, got 'x'",
+        (
+            "policies.wiki.audience: required: the AUD tag(s) of the Access application this "
+            "policy protects (Zero Trust dashboard > Access > Applications > Overview)"
+        ),
+        "policies.wiki.allow_emails: 'nope' is not an email address",
+        "surprise: unknown key",
+    ]
+
+
+def test_config_path_comes_from_the_environment(capsys, setup):
+    path, _ = setup
+    code, out, _ = run(capsys, "check-config", env={"AUTHD_CONFIG": str(path)})
+    assert code == 0
+    assert str(path) in out
+    code, out, _ = run(capsys, "check-config", env={"AUTHD_CONFIG": "/nonexistent/authd.toml"})
+    assert code == 2
+    assert "cannot read" in out
+
+
+def test_verify_explains_an_allow(capsys, setup):
+    path, key = setup
+    token = mint(key, extra={"custom.department": "ops"})
+    code, out, _ = run(capsys, "verify", "--config", str(path), "--policy", "wiki", token)
+    assert code == 0
+    assert "decision: allow" in out
+    assert "rule:     allow_email_domains" in out
+    assert "X-Authd-Department: ops" in out
+    assert "X-Authd-Email: alice@example.com" in out
+
+
+def test_verify_json_and_exit_codes(capsys, setup, monkeypatch):
+    path, key = setup
+    code, out, _ = run(
+        capsys,
+        "verify",
+        "--config",
+        str(path),
+        "--policy",
+        "wiki",
+        "--json",
+        mint(key, email="eve@evil.org"),
+    )
+    report = json.loads(out)
+    assert code == 1
+    assert (report["decision"], report["status"], report["reason"]) == ("deny", 403, "not_allowed")
+    assert report["claims"]["email"] == "eve@evil.org"
+
+    code, out, _ = run(
+        capsys, "verify", "--config", str(path), "--policy", "wiki", "--json", mint(key, ttl=-100)
+    )
+    report = json.loads(out)
+    assert (code, report["reason"]) == (1, "expired")
+    assert report["unverified"]["payload"]["email"] == "alice@example.com"
+    assert "claims" not in report
+
+    code, out, _ = run(
+        capsys, "verify", "--config", str(path), "--policy", "nope", "--json", mint(key)
+    )
+    assert (code, json.loads(out)["reason"]) == (1, "unknown_policy")
+
+    # A token from stdin, with surrounding whitespace as pasted.
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("  " + mint(key) + "\n"))
+    code, out, _ = run(capsys, "verify", "--config", str(path), "--policy", "wiki", "-")
+    assert code == 0
+
+
+def test_verify_cannot_decide_without_keys(capsys, setup, tmp_path):
+    path, key = setup
+    text = path.read_text().replace(
+        str(tmp_path / "keys" / "jwks.json"), str(tmp_path / "missing.json")
+    )
+    path.write_text(text)
+    code, out, err = run(capsys, "verify", "--config", str(path), "--policy", "wiki", mint(key))
+    assert code == 2
+    assert "reason:   keys_unavailable" in out
+    assert "keys_fetch_failed" in err
+
+
+def test_mint_prints_a_token_that_verifies(capsys, setup, tmp_path):
+    path, _ = setup
+    code, token, _ = run(
+        capsys,
+        "dev",
+        "mint",
+        "--key",
+        str(tmp_path / "keys" / "private.pem"),
+        "--service-token",
+        "abc.access",
+    )
+    assert code == 0
+    code, out, _ = run(
+        capsys, "verify", "--config", str(path), "--policy", "wiki", "--json", token.strip()
+    )
+    report = json.loads(out)
+    assert (code, report["reason"]) == (
+        1,
+        "not_allowed",
+    )  # service tokens need allow_service_tokens
+    assert report["claims"]["common_name"] == "abc.access"
+
+
+def test_mint_reports_a_missing_key(capsys, tmp_path):
+    code, out, err = run(capsys, "dev", "mint", "--key", str(tmp_path / "none.pem"))
+    assert code == 2
+    assert out == ""
+    assert "No such file" in err
+
+
+def test_keygen(capsys, tmp_path):
+    code, out, _ = run(capsys, "dev", "keygen", str(tmp_path / "k"))
+    assert code == 0
+    assert (tmp_path / "k" / "jwks.json").exists()
+    assert "private.pem" in out
+
+
+def test_nginx_snippet_for_a_configuration(capsys, setup, tmp_path):
+    path, _ = setup
+    code, out, _ = run(capsys, "nginx-snippet", "--config", str(path))
+    assert code == 0
+    assert "proxy_set_header X-Authd-Department $authd_department;" in out
+    code, out, _ = run(capsys, "nginx-snippet", "--config", str(path), "--context", "http")
+    assert f"server unix:{tmp_path}/authd.sock;" in out
+
+
+def test_nginx_snippet_without_a_configuration_renders_the_defaults(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("authd.config.DEFAULT_PATH", tmp_path / "absent.toml")
+    code, out, err = run(capsys, "nginx-snippet", "--context", "http")
+    assert code == 0
+    assert "server 127.0.0.1:9180;" in out
+    assert "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["serve"],
+        ["check-config"],
+        ["verify"],
+        ["nginx-snippet"],
+        ["dev"],
+        ["dev", "keygen"],
+        ["dev", "mint"],
+    ],
+)
+def test_every_command_has_help(capsys, argv):
+    with pytest.raises(SystemExit) as ex:
+        cli.main([*argv, "--help"])
+    assert ex.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: authd")
+    assert len(out.splitlines()) > 5
+
+
+def test_no_command_prints_usage_and_fails(capsys):
+    assert cli.main([], env={}) == 2
+    assert "commands:" in capsys.readouterr().err
+
+
+def test_unix_socket_is_created_0660_and_a_stale_one_replaced(tmp_path):
+    path = tmp_path / "authd.sock"
+    first = cli.bind(Listen(kind="unix", path=str(path)))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    # While it is in use, a second authd must not steal it.
+    with pytest.raises(OSError, match="in use"):
+        cli.bind(Listen(kind="unix", path=str(path)))
+    first.close()  # the file stays behind, as after a crash
+    second = cli.bind(Listen(kind="unix", path=str(path)))
+    assert second.family == socket.AF_UNIX
+    second.close()
+
+
+def test_tcp_listen():
+    sock = cli.bind(Listen(kind="tcp", host="127.0.0.1", port=0))
+    assert sock.getsockname()[0] == "127.0.0.1"
+    sock.close()

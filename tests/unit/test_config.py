@@ -1,0 +1,240 @@
+import textwrap
+
+import pytest
+
+from authd import config
+from authd.errors import ConfigError
+
+AUD = "a" * 64
+
+
+def parse_problems(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as ex:
+        config.parse(raw)
+    return ex.value.problems
+
+
+def minimal(**top: object) -> dict:
+    return {
+        "issuers": [{"name": "cf", "team": "myteam"}],
+        "policies": {"wiki": {"audience": [AUD]}},
+    } | top
+
+
+def test_minimal_config_gets_documented_defaults():
+    cfg = config.parse(minimal())
+    assert str(cfg.listen) == "127.0.0.1:9180"
+    assert cfg.leeway_seconds == 30
+    assert [str(s) for s in cfg.token_sources] == [
+        "header:Cf-Access-Jwt-Assertion",
+        "cookie:CF_Authorization",
+    ]
+    (issuer,) = cfg.issuers
+    assert issuer.issuer == "https://myteam.cloudflareaccess.com"
+    assert issuer.jwks_url == "https://myteam.cloudflareaccess.com/cdn-cgi/access/certs"
+    assert issuer.algorithms == ("RS256",)
+    assert issuer.groups_claim == "custom.groups"
+    assert (issuer.refresh_seconds, issuer.refetch_cooldown_seconds) == (3600, 60)
+    assert (issuer.max_stale_seconds, issuer.fetch_timeout_seconds) == (86400, 10)
+    assert cfg.policies["wiki"].audience == (AUD,)
+    assert cfg.policies["wiki"].admits_any
+
+
+def test_every_problem_is_reported_at_once_with_its_path():
+    raw = {
+        "listen": "nowhere",
+        "leeway_seconds": "30",
+        "colour": "blue",
+        "issuers": [{"name": "cf", "issuer": "http://x.example", "jwks_url": "http://x.example/c"}],
+        "policies": {
+            "wiki": {"allow_emails": ["not-an-email"], "surprise": 1},
+            "bad name!": {"audience": [AUD]},
+        },
+    }
+    problems = parse_problems(raw)
+    joined = "\n".join(problems)
+    for expected in (
+        "listen: expected HOST:PORT",
+        "leeway_seconds: expected a number",
+        "colour: unknown key",
+        "issuers[0].issuer: must be an https:// URL",
+        "issuers[0].jwks_url: must be https",
+        "policies.wiki.audience: required",
+        "policies.wiki.allow_emails: 'not-an-email' is not an email address",
+        "policies.wiki.surprise: unknown key",
+        "policies.bad name!: policy names",
+    ):
+        assert expected in joined, f"missing {expected!r} in:\n{joined}"
+    assert len(problems) == 9
+
+
+@pytest.mark.parametrize(
+    ("issuer", "message"),
+    [
+        ({"name": "cf"}, "issuers[0]: needs issuer (or team)"),
+        ({"name": "cf", "team": "t", "issuer": "https://t.cloudflareaccess.com"}, "not both"),
+        ({"name": "cf", "team": "bad team"}, "issuers[0].team"),
+        ({"name": "cf", "team": "t", "jwks_file": "/k", "jwks_url": "https://t/c"}, "exactly one"),
+        ({"name": "cf", "issuer": "https://t.example"}, "exactly one of jwks_url and jwks_file"),
+        ({"name": "cf", "team": "t", "algorithms": ["HS256"]}, "symmetric"),
+        ({"name": "cf", "team": "t", "algorithms": ["none"]}, "unknown algorithm 'none'"),
+        ({"name": "cf", "team": "t", "algorithms": []}, "algorithms: must not be empty"),
+        ({"name": "cf", "team": "t", "provider": "okta"}, "unknown provider"),
+        (
+            {"name": "cf", "issuer": "https://t.example/", "jwks_file": "/k"},
+            "must not end with '/'",
+        ),
+        ({"name": "cf", "team": "t", "refresh_seconds": 5}, "between 60 and"),
+        ({"name": "cf", "team": "t", "refetch_cooldown_seconds": 0}, "between 1 and"),
+        ({"name": "cf", "team": "t", "fetch_timeout_seconds": True}, "expected a number"),
+        ({"name": "cf", "team": "t", "jwks_url": "ftp://x/c"}, "must be an https:// URL"),
+        ({"name": "cf", "team": "t", "jwks_url": "http://10.0.0.1/c"}, "only for loopback"),
+        ({"team": "t"}, "issuers[0]: needs name"),
+        ({"name": "-x", "team": "t"}, "issuers[0].name"),
+    ],
+)
+def test_issuer_problems(issuer, message):
+    problems = parse_problems(minimal(issuers=[issuer]))
+    assert any(message in p for p in problems), problems
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/c", "http://localhost/c", "http://[::1]/c"])
+def test_plain_http_key_url_is_allowed_for_loopback_only(url):
+    cfg = config.parse(minimal(issuers=[{"name": "cf", "team": "t", "jwks_url": url}]))
+    assert cfg.issuers[0].jwks_url == url
+
+
+def test_issuer_names_and_urls_must_be_unique():
+    twice = [{"name": "a", "team": "t"}, {"name": "a", "team": "t"}]
+    problems = parse_problems(minimal(issuers=twice))
+    assert "issuers: name 'a' is used twice" in problems
+    assert "issuers: issuer 'https://t.cloudflareaccess.com' is used twice" in problems
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"audience": []}, "audience: must not be empty"),
+        ({"audience": [""]}, "audience: expected a list of non-empty strings"),
+        ({"audience": [AUD], "allow_email_domains": ["@example.com"]}, "is not a domain"),
+        ({"audience": [AUD], "allow_email_domains": ["example..com"]}, "is not a domain"),
+        ({"audience": [AUD], "allow_groups": "sre"}, "allow_groups: expected a list"),
+        ({"audience": [AUD], "require_claims": {"country": []}}, "require_claims.country"),
+        ({"audience": [AUD], "require_claims": {"x": [1.5]}}, "require_claims.x"),
+        ({"audience": [AUD], "require_claims": ["country"]}, "require_claims: expected a table"),
+        ({"audience": [AUD], "headers": {"X-Department": "custom.d"}}, "start with X-Authd-"),
+        ({"audience": [AUD], "headers": {"X-Authd-Email": "custom.d"}}, "authd's own headers"),
+        ({"audience": [AUD], "headers": {"X-Authd-Bad Name": "c"}}, "start with X-Authd-"),
+        ({"audience": [AUD], "headers": {"X-Authd-Dept": 5}}, "the value is the claim"),
+        (
+            {"audience": [AUD], "headers": {"X-Authd-Dept": "a", "x-authd-dept": "b"}},
+            "given twice",
+        ),
+    ],
+)
+def test_policy_problems(policy, message):
+    problems = parse_problems(minimal(policies={"wiki": policy}))
+    assert any(message in p and p.startswith("policies.wiki") for p in problems), problems
+
+
+def test_policy_values_are_normalised():
+    cfg = config.parse(
+        minimal(
+            policies={
+                "wiki": {
+                    "audience": AUD,  # a single string is accepted as a one-element list
+                    "allow_emails": ["Alice@Example.COM"],
+                    "allow_email_domains": [".Example.com"],
+                    "require_claims": {"country": "DE", "custom.level": [3, True]},
+                    "headers": {"X-Authd-Department": "custom.department"},
+                },
+            },
+        ),
+    )
+    wiki = cfg.policies["wiki"]
+    assert wiki.audience == (AUD,)
+    assert wiki.allow_emails == frozenset({"alice@example.com"})
+    assert wiki.allow_email_domains == (".example.com",)
+    assert wiki.require_claims == (("country", ("DE",)), ("custom.level", (3, True)))
+    assert wiki.headers == (("X-Authd-Department", "custom.department"),)
+    assert not wiki.admits_any
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("unix:/run/authd/authd.sock", "unix:/run/authd/authd.sock"),
+        ("0.0.0.0:80", "0.0.0.0:80"),
+        ("[::1]:9180", "[::1]:9180"),
+    ],
+)
+def test_listen_forms(text, expected):
+    assert str(config.parse(minimal(listen=text)).listen) == expected
+
+
+@pytest.mark.parametrize("text", ["unix:relative.sock", "host", "host:0", "host:99999", ":80"])
+def test_bad_listen(text):
+    assert any(p.startswith("listen:") for p in parse_problems(minimal(listen=text)))
+
+
+def test_token_sources():
+    cfg = config.parse(minimal(token_sources=["bearer", "cookie:session", "header:X-Token"]))
+    assert [str(s) for s in cfg.token_sources] == ["bearer", "cookie:session", "header:X-Token"]
+    problems = parse_problems(minimal(token_sources=["query:token", "header:", "bearer", "bearer"]))
+    assert "token_sources[0]: expected header:NAME, cookie:NAME or bearer, got 'query:token'" in (
+        problems
+    )
+    assert any(p.startswith("token_sources[1]") for p in problems)
+    assert "token_sources: lists the same source twice" in problems
+    assert parse_problems(minimal(token_sources=[])) == ["token_sources: must not be empty"]
+
+
+def test_empty_configuration_is_valid_but_warns():
+    cfg = config.parse({})
+    assert cfg.issuers == ()
+    assert len(cfg.warnings()) == 2
+
+
+def test_load_reports_toml_syntax_and_missing_files(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(missing)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("listen = \n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        config.load(broken)
+
+
+def test_load_reads_the_documented_example(tmp_path):
+    path = tmp_path / "authd.toml"
+    path.write_text(
+        textwrap.dedent(f"""\
+        listen = "127.0.0.1:9180"
+        leeway_seconds = 30
+        token_sources = ["header:Cf-Access-Jwt-Assertion", "cookie:CF_Authorization"]
+
+        [[issuers]]
+        name = "cloudflare"
+        provider = "cloudflare"
+        issuer = "https://myteam.cloudflareaccess.com"
+        jwks_url = "https://myteam.cloudflareaccess.com/cdn-cgi/access/certs"
+        algorithms = ["RS256"]
+        groups_claim = "custom.groups"
+        refresh_seconds = 3600
+        refetch_cooldown_seconds = 60
+        max_stale_seconds = 86400
+        fetch_timeout_seconds = 10
+
+        [policies.wiki]
+        audience = ["{AUD}"]
+        allow_emails = ["alice@example.com"]
+        allow_email_domains = ["example.com"]
+        allow_groups = ["sre"]
+        allow_service_tokens = ["e367826f93b8d71185e03fe518aff3b4.access"]
+        require_claims = {{ "country" = ["DE", "NL"], "custom.department" = ["ops"] }}
+        headers = {{ "X-Authd-Department" = "custom.department" }}
+        """),
+    )
+    cfg = config.load(path)
+    assert cfg.policies["wiki"].allow_groups == frozenset({"sre"})
+    assert cfg.warnings() == []
