@@ -1,4 +1,5 @@
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -237,4 +238,11 @@ def test_load_reads_the_documented_example(tmp_path):
     )
     cfg = config.load(path)
     assert cfg.policies["wiki"].allow_groups == frozenset({"sre"})
+    assert cfg.warnings() == []
+
+
+def test_the_shipped_example_is_valid():
+    example = Path(__file__).resolve().parents[2] / "examples" / "authd.toml"
+    cfg = config.load(example)
+    assert cfg.issuers[0].issuer == "https://myteam.cloudflareaccess.com"
     assert cfg.warnings() == []
