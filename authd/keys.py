@@ -126,7 +126,9 @@ class HttpSource:
             if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
                 raise FetchError(f"body of {declared} bytes is over the {MAX_BODY_BYTES} cap")
             body = bytearray()
-            async for chunk in resp.aiter_raw():
+            # Decoded bytes (the endpoint may gzip), capped as they arrive: a
+            # decompression bomb stops at the cap like any other oversized body.
+            async for chunk in resp.aiter_bytes():
                 body += chunk
                 if len(body) > MAX_BODY_BYTES:
                     raise FetchError(f"body is over the {MAX_BODY_BYTES} byte cap")
