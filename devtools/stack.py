@@ -26,6 +26,8 @@ import os
 import pwd
 import signal
 import socket
+import socketserver
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import IO, Any, Self, TypeVar
 
@@ -295,20 +297,25 @@ def http_request(
 # --- in-process HTTP servers ----------------------------------------------------------------------
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    """A threaded stdlib server that knows its owner and skips the reverse DNS lookup on bind."""
+class _Server(socketserver.ThreadingTCPServer):
+    """A threaded stdlib TCP server on loopback that knows the object it serves for.
 
-    def __init__(self, port: int, handler: type[BaseHTTPRequestHandler], owner: object) -> None:
+    Not `http.server.HTTPServer`: its bind looks the host name up in DNS, which we do not need.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True  # `KeyServer.up()` binds the same port again at once
+
+    def __init__(
+        self, port: int, handler: type[socketserver.BaseRequestHandler], owner: object
+    ) -> None:
         self.owner = owner
         super().__init__((LOOPBACK, port), handler)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind would call socket.getfqdn(): a DNS lookup we do not need.
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(self.server_address)
-        self.server_address = self.socket.getsockname()
-        self.server_name = LOOPBACK
-        self.server_port = self.server_address[1]
+    @property
+    def port(self) -> int:
+        port: int = self.server_address[1]
+        return port
 
 
 class _QuietHandler(BaseHTTPRequestHandler):
@@ -334,13 +341,13 @@ class _QuietHandler(BaseHTTPRequestHandler):
 
 
 class _LoopbackServer:
-    """Owns a `_HTTPServer` on 127.0.0.1 and the thread that serves it."""
+    """Owns a `_Server` on 127.0.0.1 for `handler`, and the thread that serves it."""
 
-    handler: type[BaseHTTPRequestHandler]
+    handler: type[socketserver.BaseRequestHandler]
 
     def __init__(self, port: int = 0) -> None:
         self._port = port
-        self._httpd: _HTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -352,12 +359,12 @@ class _LoopbackServer:
         return f"http://{LOOPBACK}:{self._port}"
 
     def _listen(self) -> None:
-        if self._httpd is not None:
+        if self._server is not None:
             return
-        self._httpd = _HTTPServer(self._port, self.handler, self)
-        self._port = self._httpd.server_port
+        self._server = _Server(self._port, self.handler, self)
+        self._port = self._server.port
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
+            target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
             name=f"{type(self).__name__}-{self._port}",
             daemon=True,
@@ -365,13 +372,13 @@ class _LoopbackServer:
         self._thread.start()
 
     def _close(self) -> None:
-        if self._httpd is None:
+        if self._server is None:
             return
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.shutdown()
+        self._server.server_close()
         if self._thread is not None:
             self._thread.join(STOP_TIMEOUT)
-        self._httpd = None
+        self._server = None
         self._thread = None
 
     def __enter__(self) -> Self:
@@ -397,7 +404,7 @@ class KeyReply:
 
 
 class _KeyHandler(_QuietHandler):
-    server: _HTTPServer
+    server: _Server
 
     def do_GET(self) -> None:
         owner = self.server.owner
@@ -546,7 +553,7 @@ class ReceivedRequest:
 
 
 class _UpstreamHandler(_QuietHandler):
-    server: _HTTPServer
+    server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive, as nginx may use it towards the upstream
 
     def _handle(self) -> None:
@@ -574,10 +581,8 @@ class _UpstreamHandler(_QuietHandler):
         self._handle()
 
 
-class Upstream(_LoopbackServer):
-    """The protected application: records every request, answers 200 echoing its headers as JSON."""
-
-    handler = _UpstreamHandler
+class _RecordingServer(_LoopbackServer):
+    """A loopback server that keeps every request it received."""
 
     def __init__(self, port: int = 0) -> None:
         super().__init__(port)
@@ -596,6 +601,122 @@ class Upstream(_LoopbackServer):
     def requests_for(self, path: str) -> list[ReceivedRequest]:
         """The requests whose path (query string included) is exactly `path`."""
         return [r for r in self.requests if r.path == path]
+
+
+class Upstream(_RecordingServer):
+    """The protected application: records every request, answers 200 echoing its headers as JSON."""
+
+    handler = _UpstreamHandler
+
+
+# FastCGI (the subset nginx's fastcgi_pass uses): 8-byte record headers, then content and padding.
+_FCGI_HEADER = struct.Struct("!BBHHBx")
+_FCGI_END_REQUEST, _FCGI_PARAMS, _FCGI_STDIN, _FCGI_STDOUT = 3, 4, 5, 6
+
+
+def _cgi_request(params: Sequence[tuple[str, str]]) -> ReceivedRequest:
+    """A gateway request as the application sees it: `HTTP_X_FOO` params are header `x-foo`."""
+    values = dict(params)
+    headers = tuple(
+        (name.removeprefix("HTTP_").lower().replace("_", "-"), value)
+        for name, value in params
+        if name.startswith("HTTP_")
+    )
+    return ReceivedRequest(values.get("REQUEST_METHOD", ""), values.get("REQUEST_URI", ""), headers)
+
+
+def _cgi_body(received: ReceivedRequest) -> bytes:
+    return json.dumps(received.as_json(), indent=2, sort_keys=True).encode() + b"\n"
+
+
+class _FastCGIHandler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        request_id, params = 0, bytearray()
+        while True:
+            header = self.rfile.read(_FCGI_HEADER.size)
+            if len(header) < _FCGI_HEADER.size:
+                return  # nginx gave up on this connection
+            _, kind, request_id, length, padding = _FCGI_HEADER.unpack(header)
+            content = self.rfile.read(length)
+            self.rfile.read(padding)
+            if kind == _FCGI_PARAMS:
+                params += content
+            elif kind == _FCGI_STDIN and not content:
+                break  # the (empty) body is complete: answer
+        received = _cgi_request(_fastcgi_pairs(bytes(params)))
+        owner = self.server.owner
+        assert isinstance(owner, FastCGIApp)
+        owner.record(received)
+        body = _cgi_body(received)
+        stdout = b"Status: 200 OK\r\nContent-Type: application/json\r\n\r\n" + body
+        self._record(_FCGI_STDOUT, request_id, stdout)
+        self._record(_FCGI_STDOUT, request_id, b"")
+        self._record(_FCGI_END_REQUEST, request_id, bytes(8))  # app status 0, request complete
+
+    def _record(self, kind: int, request_id: int, content: bytes) -> None:
+        self.wfile.write(_FCGI_HEADER.pack(1, kind, request_id, len(content), 0) + content)
+
+
+def _fastcgi_pairs(data: bytes) -> list[tuple[str, str]]:
+    """FastCGI name-value pairs: each length is 1 byte, or 4 with the high bit set."""
+
+    def length(at: int) -> tuple[int, int]:
+        if data[at] < 0x80:
+            return data[at], at + 1
+        return struct.unpack_from("!I", data, at)[0] & 0x7FFFFFFF, at + 4
+
+    pairs, at = [], 0
+    while at < len(data):
+        name_length, at = length(at)
+        value_length, at = length(at)
+        name = data[at : at + name_length].decode("latin-1")
+        value = data[at + name_length : at + name_length + value_length].decode("latin-1")
+        pairs.append((name, value))
+        at += name_length + value_length
+    return pairs
+
+
+class FastCGIApp(_RecordingServer):
+    """A FastCGI application (what PHP-FPM is to nginx): records each request's `HTTP_*` params
+    as headers, answers 200 echoing them as JSON."""
+
+    handler = _FastCGIHandler
+
+
+class _UwsgiHandler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        header = self.rfile.read(4)  # modifier1, size of the vars (little endian), modifier2
+        if len(header) < 4:
+            return
+        data = self.rfile.read(struct.unpack_from("<H", header, 1)[0])
+        pairs, at = [], 0
+        while at < len(data):
+            (name_length,) = struct.unpack_from("<H", data, at)
+            name = data[at + 2 : at + 2 + name_length].decode("latin-1")
+            at += 2 + name_length
+            (value_length,) = struct.unpack_from("<H", data, at)
+            pairs.append((name, data[at + 2 : at + 2 + value_length].decode("latin-1")))
+            at += 2 + value_length
+        received = _cgi_request(pairs)
+        owner = self.server.owner
+        assert isinstance(owner, UwsgiApp)
+        owner.record(received)
+        body = _cgi_body(received)
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+
+class UwsgiApp(_RecordingServer):
+    """A uwsgi application: records each request's `HTTP_*` vars as headers, answers 200."""
+
+    handler = _UwsgiHandler
 
 
 # --- key material and tokens ----------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 A test module shares one stack (authd on a unix socket, nginx with the shipped snippets, the
 recording upstream, a key server) through the module-scoped `stack` fixture; drills that need a
-stack of their own (cold start, rotation, authd stopped) build one with `start_stack`.
+stack of their own (cold start, rotation, authd stopped) build one with `drill`.
 """
 
 from __future__ import annotations
@@ -181,13 +181,20 @@ def stack_settings() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, module_key_server, stack_settings) -> Iterator[Stack]:
-    """One stack shared by a test module (see `start_stack` for its locations)."""
+def extra_locations() -> Callable[[str], list[str]]:
+    """Locations of the module's shared stack besides `/<policy>/`: override in a module."""
+    return _extra_locations
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, module_key_server, stack_settings, extra_locations) -> Iterator[Stack]:
+    """One stack shared by a test module, serving `/<policy>/` for each of `POLICIES` and
+    `extra_locations`."""
     workdir = tmp_path_factory.mktemp("stack")
     config = make_config(
         workdir, jwks_url=module_key_server.url, policies=POLICIES, **stack_settings
     )
-    with running_stack(workdir, config, extra_locations=_extra_locations) as running:
+    with running_stack(workdir, config, extra_locations=extra_locations) as running:
         yield running
 
 
@@ -227,6 +234,8 @@ class Visitor:
         token: str | None = None,
         cookie: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
+        method: str = "GET",
+        body: bytes | None = None,
         audited: bool = True,
     ) -> Visit:
         """GET a fresh path under `location`, with `token` in the assertion header and/or
@@ -240,7 +249,7 @@ class Visitor:
             sent.append(("Cf-Access-Jwt-Assertion", token))
         if cookie is not None:
             sent.append(("Cookie", f"CF_Authorization={cookie}"))
-        response = self.http.get(path, headers=sent)
+        response = self.http.request(method, path, headers=sent, content=body)
         audits = (
             self.stack.authd.wait_for_audit(lambda line: line.get("uri") == path) if audited else []
         )

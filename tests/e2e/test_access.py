@@ -39,6 +39,14 @@ def test_a_policy_header_carries_a_claim_to_the_upstream(visit, make_token):
     assert seen.received.values("x-authd-policy") == ["team"]
 
 
+def test_a_required_claim_that_matches_lets_the_user_in(visit, make_token):
+    seen = visit("/germany/", token=make_token(country="DE"))
+
+    assert seen.status == 200
+    assert seen.received is not None
+    assert seen.received.values("x-authd-policy") == ["germany"]
+
+
 def test_the_upstream_sees_the_sub_claim_of_the_token(visit, make_token):
     token = make_token(sub="7335d417-61da-459d-899c-0a01c76a2f94")
 

@@ -144,3 +144,21 @@ def test_a_forged_original_uri_does_not_change_what_the_audit_records(visit, mak
 
     assert seen.status == 200
     assert seen.audit["uri"] == seen.path
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+def test_other_methods_and_bodies_do_not_open_the_door(visit, method):
+    seen = visit("/wiki/", method=method, body=b'{"email": "alice@example.com"}')
+
+    assert seen.status == 401
+    assert seen.received is None
+    assert seen.audit["reason"] == "no_token"
+
+
+def test_a_post_with_a_token_reaches_the_upstream_with_its_body(visit, make_token):
+    seen = visit("/wiki/", method="POST", body=b"hello", token=make_token())
+
+    assert seen.status == 200
+    assert seen.received is not None
+    assert seen.received.method == "POST"
+    assert seen.received.values("x-authd-email") == ["alice@example.com"]
