@@ -3,6 +3,7 @@
 #   make test    system packages (nginx, wrk) if missing, the venv, then every test
 #   make lint    ruff check and mypy
 #   make demo    authd behind a private nginx on loopback, with a few requests explained
+#   make snippets  re-render nginx/*.conf, the snippets for the default configuration
 #   make clean   remove the venv and caches
 
 SHELL := /bin/bash
@@ -11,10 +12,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Re-install when the project's metadata changes; otherwise `make venv` does nothing.
 STAMP := $(VENV)/.installed-from-pyproject
-APT_PACKAGES := nginx wrk
 NGINX := /usr/sbin/nginx
+SNIPPET_CONTEXTS := http server location location-fastcgi location-uwsgi
+RENDER_SNIPPET := import sys; from authd import config, snippets; \
+    sys.stdout.write(snippets.render(sys.argv[1], config.Config()))
 
-.PHONY: venv deps test lint demo clean
+.PHONY: venv deps test lint demo snippets clean
 
 venv: $(STAMP)
 
@@ -42,6 +45,12 @@ lint: venv
 
 demo: deps venv
 	$(BIN)/python devtools/demo.py
+
+# Rendered from the built-in defaults, never from a config file that happens to be installed.
+snippets: venv
+	for context in $(SNIPPET_CONTEXTS); do \
+	    $(BIN)/python -c '$(RENDER_SNIPPET)' $$context > nginx/authd-$$context.conf; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

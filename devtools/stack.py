@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import gzip
 import http.client
 import json
 import os
@@ -165,19 +166,20 @@ class _Process:
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Send `sig` to the process group, wait, then SIGKILL the group if it lingers."""
-        self._signal_group(sig)
+        self.signal_group(sig)
+        self.signal_group(signal.SIGCONT)  # a stopped process acts on signals only once resumed
         try:
             self._popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._signal_group(signal.SIGKILL)
+            self.signal_group(signal.SIGKILL)
             self._popen.wait(timeout)
         # Children that ignored the signal would keep the pipes open: make sure the group is gone.
-        self._signal_group(signal.SIGKILL)
+        self.signal_group(signal.SIGKILL)
         self.stdout.join(timeout)
         self.stderr.join(timeout)
         return self._popen.returncode
 
-    def _signal_group(self, sig: signal.Signals) -> None:
+    def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._popen.pid, sig)
 
@@ -325,12 +327,20 @@ class _QuietHandler(BaseHTTPRequestHandler):
         return
 
     def send_body(
-        self, status: int, body: bytes, content_type: str, extra: Sequence[tuple[str, str]] = ()
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        extra: Sequence[tuple[str, str]] = (),
+        *,
+        declare_length: bool = True,
     ) -> None:
+        """Answer; without `declare_length` the body ends when the connection closes (HTTP/1.0)."""
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
+            if declare_length:
+                self.send_header("Content-Length", str(len(body)))
             for name, value in extra:
                 self.send_header(name, value)
             self.end_headers()
@@ -401,6 +411,7 @@ class KeyReply:
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
+    declare_length: bool = True  # False: no Content-Length, the body ends with the connection
 
 
 class _KeyHandler(_QuietHandler):
@@ -419,7 +430,13 @@ class _KeyHandler(_QuietHandler):
             return
         if reply.delay and owner.closing.wait(reply.delay):
             return  # shutting down while slow: just drop the connection
-        self.send_body(reply.status, reply.body, reply.content_type, reply.headers)
+        self.send_body(
+            reply.status,
+            reply.body,
+            reply.content_type,
+            reply.headers,
+            declare_length=reply.declare_length,
+        )
 
 
 class KeyServer(_LoopbackServer):
@@ -499,10 +516,18 @@ class KeyServer(_LoopbackServer):
     def serve_empty_object(self) -> None:
         self.reply(KeyReply(body=b"{}"))
 
-    def serve_huge(self, size: int = 10 * 1024 * 1024) -> None:
-        """A syntactically valid JWKS of `size` bytes, padded with a long string member."""
-        head, tail = b'{"keys": [], "padding": "', b'"}'
-        self.reply(KeyReply(body=head + b"x" * (size - len(head) - len(tail)) + tail))
+    def serve_huge(self, size: int = 10 * 1024 * 1024, *, declare_length: bool = True) -> None:
+        """A syntactically valid JWKS of `size` bytes, padded with a long string member;
+        without `declare_length` the client only finds out by reading."""
+        self.reply(KeyReply(body=_padded_jwks(size), declare_length=declare_length))
+
+    def serve_gzipped(self) -> None:
+        """The good keys, gzip-encoded (`Content-Encoding: gzip`)."""
+        self.reply(KeyReply(body=gzip.compress(self.jwks), headers=_GZIP))
+
+    def serve_gzip_bomb(self, size: int = 64 * 1024 * 1024) -> None:
+        """A few KiB on the wire that decode to a `size`-byte JWKS."""
+        self.reply(KeyReply(body=gzip.compress(_padded_jwks(size)), headers=_GZIP))
 
     def down(self) -> None:
         """Close the listener: connections are refused until `up()`."""
@@ -517,6 +542,14 @@ class KeyServer(_LoopbackServer):
     def __exit__(self, *exc_info: object) -> None:
         self.closing.set()
         super().__exit__(*exc_info)
+
+
+_GZIP = (("Content-Encoding", "gzip"),)
+
+
+def _padded_jwks(size: int) -> bytes:
+    head, tail = b'{"keys": [], "padding": "', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
 
 
 def _as_json_bytes(value: bytes | Mapping[str, Any]) -> bytes:
@@ -942,6 +975,13 @@ class Authd:
 
     def running(self) -> bool:
         return self._process is not None and self._process.running()
+
+    def freeze(self) -> None:
+        """SIGSTOP: authd hangs, its socket still accepting (a deadlock, a swapped-out host)."""
+        self.process.signal_group(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.signal_group(signal.SIGCONT)
 
     def stop(self) -> int | None:
         """SIGTERM, wait for exit; the output stays readable afterwards."""

@@ -49,6 +49,8 @@ BAD_KEY_ANSWERS = [
     pytest.param(lambda server: server.serve_truncated(), id="truncated-json"),
     pytest.param(lambda server: server.serve_empty_object(), id="empty-object"),
     pytest.param(lambda server: server.serve_huge(), id="10-MiB"),
+    pytest.param(lambda server: server.serve_huge(declare_length=False), id="10-MiB-undeclared"),
+    pytest.param(lambda server: server.serve_gzip_bomb(), id="gzip-bomb"),
     pytest.param(lambda server: server.slow(10), id="slower-than-the-fetch-timeout"),
 ]
 
@@ -65,6 +67,13 @@ def test_a_bad_key_answer_at_cold_start_fails_closed(key_server, drill, make_tok
     assert seen.received is None
     assert seen.audit["reason"] == "keys_unavailable"
     assert MOVED_PATH not in key_server.paths  # a redirect is never followed
+
+
+def test_a_gzip_encoded_key_set_is_read(key_server, drill, make_token):
+    key_server.serve_gzipped()
+    visit = drill()
+
+    assert visit("/wiki/", token=make_token()).status == 200
 
 
 def test_a_new_key_is_picked_up_after_one_refetch(key_server, drill, make_token, dev_key, next_key):
@@ -110,3 +119,16 @@ def test_authd_stopped_means_500_and_a_restart_restores_service(drill, make_toke
 
     visit.stack.authd.start()
     assert visit.until(200, "/wiki/", token=token)[-1].received is not None
+
+
+def test_a_hung_authd_means_500_never_200(drill, make_token):
+    visit, token = drill(), make_token()
+    visit.stack.authd.freeze()
+    try:
+        hung = visit("/wiki/", token=token, audited=False)  # nginx gives up after its timeout
+    finally:
+        visit.stack.authd.thaw()
+
+    assert hung.status == 500
+    assert hung.received is None
+    assert visit("/wiki/", token=token).status == 200

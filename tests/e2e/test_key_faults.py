@@ -22,6 +22,8 @@ FAULTS = [
     pytest.param(lambda server: server.serve_truncated(), id="truncated-json"),
     pytest.param(lambda server: server.serve_empty_object(), id="empty-object"),
     pytest.param(lambda server: server.serve_huge(), id="10-MiB"),
+    pytest.param(lambda server: server.serve_huge(declare_length=False), id="10-MiB-undeclared"),
+    pytest.param(lambda server: server.serve_gzip_bomb(), id="gzip-bomb"),
     pytest.param(lambda server: server.slow(5), id="slower-than-the-fetch-timeout"),
 ]
 

@@ -162,3 +162,11 @@ def test_a_post_with_a_token_reaches_the_upstream_with_its_body(visit, make_toke
     assert seen.received is not None
     assert seen.received.method == "POST"
     assert seen.received.values("x-authd-email") == ["alice@example.com"]
+
+
+@pytest.mark.parametrize("path", ["/_authd", "/_authd?x=1", "/_authd/", "/auth/wiki"])
+def test_the_auth_location_cannot_be_called_from_outside(stack, client, make_token, path):
+    response = client.get(path, headers={"Cf-Access-Jwt-Assertion": make_token()})
+
+    assert response.status_code == 404
+    assert [line for line in stack.authd.audit_lines() if line.get("uri") == path] == []
