@@ -8,8 +8,9 @@ check that answers), with a bounded timeout, never guessed with a sleep.
 The pieces:
 
 - `KeyServer`: a JWKS endpoint the test steers at run time (good keys, 500, slow, redirect, garbage,
-  down and up again), counting the requests it gets.
+  huge, gzip bombs, down and up again), counting the requests it gets.
 - `Upstream`: the protected application; records each request and echoes its headers as JSON.
+  `FastCGIApp` and `UwsgiApp` do the same behind fastcgi_pass and uwsgi_pass.
 - `Authd`: `authd serve --config ...` with its stdout and stderr captured line by line.
 - `Nginx`: the Debian nginx with a generated nginx.conf that includes the repo's shipped snippets.
 - `DevKey`: key material from `authd dev keygen`, tokens from `authd dev mint` or signed in-process.
@@ -919,8 +920,9 @@ def _toml_key(key: str) -> str:
 class Authd:
     """`authd serve --config PATH` as a subprocess, with its output captured.
 
-    `start()` waits until the listen socket accepts and `GET /healthz` answers 200 (or, with
-    `require_healthy=False`, answers at all: a cold start without keys may report itself unhealthy).
+    `start()` waits until the listen socket accepts and `GET /healthz` answers 200, and with
+    `wait_ready` (the default) also until `GET /readyz` answers 200: every issuer has keys. A drill
+    that starts authd without reachable keys passes `wait_ready=False`.
     """
 
     def __init__(
@@ -928,13 +930,13 @@ class Authd:
         config: Path,
         *,
         exe: Path | None = None,
-        require_healthy: bool = True,
+        wait_ready: bool = True,
         ready_timeout: float = READY_TIMEOUT,
     ) -> None:
         self.config = config
         self.listen = Listen.parse(tomllib.loads(config.read_text())["listen"])
         self._exe = exe or authd_executable()
-        self._require_healthy = require_healthy
+        self._wait_ready = wait_ready
         self._ready_timeout = ready_timeout
         self._process: _Process | None = None
         self._earlier_output: list[str] = []
@@ -948,7 +950,7 @@ class Authd:
     def start(self) -> Self:
         self._process = _Process([self._exe, "serve", "--config", self.config], name="authd")
         try:
-            wait_for(self._ready, what="authd to answer /healthz", timeout=self._ready_timeout)
+            wait_for(self._ready, what="authd to be ready", timeout=self._ready_timeout)
         except (TimeoutError, StackError) as ex:
             description = self.process.describe()
             self.stop()
@@ -961,13 +963,14 @@ class Authd:
         if not self.listen.accepts():
             return False
         try:
-            status = self.healthz()
+            healthy = http_request(self.listen, "/healthz").status == 200
+            return healthy and (not self._wait_ready or self.ready())
         except OSError:
             return False
-        return status == 200 or not self._require_healthy
 
-    def healthz(self) -> int:
-        return http_request(self.listen, "/healthz").status
+    def ready(self) -> bool:
+        """Whether `/readyz` says every issuer has a usable key set."""
+        return http_request(self.listen, "/readyz").status == 200
 
     def request(self, path: str, headers: Mapping[str, str] | None = None) -> Answer:
         """A request straight to authd, bypassing nginx."""
@@ -1128,12 +1131,24 @@ class Nginx:
         if not NGINX_BIN.exists():
             raise StackError(f"{NGINX_BIN} is missing: run `make deps`")
         (self.workdir / "nginx-temp").mkdir(exist_ok=True)
+        for _ in range(2):
+            try:
+                return self._start_once()
+            except _PortTakenError:
+                self.port = free_port()  # something took the free port we picked: pick again
+        return self._start_once()
+
+    def _start_once(self) -> Self:
+        self.error_log.unlink(missing_ok=True)  # judge this attempt by its own log
         self.conf_path.write_text(self.render())
         argv: list[str | Path] = [NGINX_BIN, "-c", self.conf_path, "-p", self.workdir]
         _run([*argv, "-t", "-q"], what="nginx -t")
         self._process = _Process(argv, name="nginx")
         try:
             wait_for(self._ready, what=f"nginx on port {self.port}")
+        except _PortTakenError:
+            self.stop()
+            raise
         except (TimeoutError, StackError) as ex:
             description = self._process.describe() + "\n--- error log ---\n" + self.error_log_text()
             self.stop()
@@ -1144,7 +1159,16 @@ class Nginx:
         assert self._process is not None
         if not self._process.running():
             raise StackError("nginx exited during startup")
-        return (self.workdir / "nginx.pid").exists() and Listen(port=self.port).accepts()
+        if "Address already in use" in self.error_log_text():
+            raise _PortTakenError(f"port {self.port} is taken")
+        if not (self.workdir / "nginx.pid").exists():
+            return False
+        # Whoever accepts on the port must be this nginx, not a process that took the port.
+        try:
+            server = http_request(Listen(port=self.port), "/", timeout=1.0).header("server")
+        except OSError:
+            return False
+        return server is not None and server.startswith("nginx")
 
     def stop(self) -> None:
         if self._process is not None:
@@ -1167,6 +1191,10 @@ class Nginx:
         """nginx's logs and whatever it wrote to stdout and stderr."""
         captured = self._process.output() if self._process else ""
         return f"{self.error_log_text()}\n{self.access_log_text()}\n{captured}"
+
+
+class _PortTakenError(StackError):
+    """nginx could not bind the port picked for it."""
 
 
 def _read_if_exists(path: Path) -> str:
@@ -1243,7 +1271,7 @@ def running_stack(
     config: Path,
     *,
     extra_locations: Callable[[str], Sequence[str]] | None = None,
-    require_healthy: bool = True,
+    wait_ready: bool = True,
 ) -> Iterator[Stack]:
     """Start authd, the upstream and nginx; stop them all on exit, in reverse order.
 
@@ -1255,7 +1283,7 @@ def running_stack(
     policies = tomllib.loads(config.read_text()).get("policies", {})
     with contextlib.ExitStack() as stack:
         upstream = stack.enter_context(Upstream())
-        authd = stack.enter_context(Authd(config, require_healthy=require_healthy))
+        authd = stack.enter_context(Authd(config, wait_ready=wait_ready))
         rendered = workdir / RENDERED_LOCATION_SNIPPET
         locations = [
             protected_location(

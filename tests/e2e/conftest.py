@@ -285,21 +285,21 @@ def visit(stack, client) -> Visitor:
 
 @pytest.fixture
 def drill(tmp_path, key_server) -> Iterator[Callable[..., Visitor]]:
-    """`drill(require_healthy=True, **settings)`: a stack for this test only, with its keys from
+    """`drill(wait_ready=True, **settings)`: a stack for this test only, with its keys from
     `key_server` and `settings` in its config; returns a `Visitor` (`.stack` is the stack).
 
     nginx serves the same locations as the shared stack. Everything stops at the test's end.
     """
     with contextlib.ExitStack() as exits:
 
-        def start(*, require_healthy: bool = True, **settings: Any) -> Visitor:
+        def start(*, wait_ready: bool = True, **settings: Any) -> Visitor:
             config = make_config(tmp_path, jwks_url=key_server.url, policies=POLICIES, **settings)
             stack = exits.enter_context(
                 running_stack(
                     tmp_path,
                     config,
                     extra_locations=_extra_locations,
-                    require_healthy=require_healthy,
+                    wait_ready=wait_ready,
                 )
             )
             http = exits.enter_context(httpx.Client(base_url=stack.url, timeout=15.0))

@@ -23,7 +23,7 @@ def test_keys_down_at_cold_start_fail_closed_and_recover_by_themselves(
     key_server, drill, make_token
 ):
     key_server.down()
-    visit = drill(require_healthy=False, fetch_timeout_seconds=2)
+    visit = drill(wait_ready=False, fetch_timeout_seconds=2)
     token = make_token(email="alice@example.com")
 
     first = visit("/wiki/", token=token)
@@ -58,7 +58,7 @@ BAD_KEY_ANSWERS = [
 @pytest.mark.parametrize("misbehave", BAD_KEY_ANSWERS)
 def test_a_bad_key_answer_at_cold_start_fails_closed(key_server, drill, make_token, misbehave):
     misbehave(key_server)
-    visit = drill(require_healthy=False, fetch_timeout_seconds=1)
+    visit = drill(wait_ready=False, fetch_timeout_seconds=1)
     wait_for(lambda: failed_fetches(visit.stack), what="authd to report a failed key fetch")
 
     seen = visit("/wiki/", token=make_token())
