@@ -105,7 +105,12 @@ def test_no_token_is_401_and_the_upstream_is_never_called(visit):
         pytest.param(
             {"iss": "https://evil.cloudflareaccess.com"}, "bad_issuer", id="issuer-other-team"
         ),
+        pytest.param({"aud": []}, "bad_audience", id="audience-empty"),
+        pytest.param({"aud": f" {WIKI_AUD}"}, "bad_audience", id="audience-with-blank"),
         pytest.param({"type": "org"}, "bad_type", id="org-session-token"),
+        pytest.param({"exp": "9999999999"}, "bad_claims", id="exp-a-string"),
+        pytest.param({"exp": 10**30 - int(time.time())}, "bad_claims", id="exp-absurdly-far"),
+        pytest.param({"iat": 900, "nbf": 0, "exp": 1800}, "issued_in_future", id="iat-in-future"),
         pytest.param(
             {"iat": 0, "nbf": 900, "exp": 1800}, "not_yet_valid", id="not-valid-before-later"
         ),
@@ -115,7 +120,9 @@ def test_an_invalid_token_is_401_and_the_upstream_is_never_called(
     visit, make_token, claims, reason
 ):
     now = int(time.time())
-    times = {k: now + v for k, v in claims.items() if k in {"iat", "nbf", "exp"}}
+    times = {
+        k: now + v for k, v in claims.items() if k in {"iat", "nbf", "exp"} and isinstance(v, int)
+    }
     token = make_token(**{**claims, **times})
 
     seen = visit("/wiki/", token=token)

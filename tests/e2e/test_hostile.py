@@ -190,3 +190,23 @@ def test_control_characters_in_a_claim_never_break_the_answer(visit, make_token,
     if seen.received is not None:
         assert seen.received.get("x-injected") is None
         assert all(value.isprintable() for _, value in seen.received.headers)
+
+
+@pytest.mark.parametrize("department_length", [900, 1050, 1100, 1500])
+def test_identity_near_nginx_header_limits_is_whole_or_refused_never_a_500(
+    visit, make_token, department_length
+):
+    # nginx fails the subrequest (500) if authd's answer outgrows its 4 KiB header buffer.
+    groups = [f"group-{i:04d}-{'x' * 8}" for i in range(90)]
+    department = "d" * department_length
+    token = make_token(custom={"groups": groups, "department": department})
+    assert len(token) < 6144
+
+    seen = visit("/team/", token=token)
+
+    assert seen.status in {200, 401}
+    if seen.status == 401:
+        assert seen.audit["reason"] == "unsafe_claim_value"
+    else:
+        assert seen.received is not None
+        assert seen.received.values("x-authd-department") == [department]  # never truncated

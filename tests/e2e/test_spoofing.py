@@ -170,3 +170,26 @@ def test_the_auth_location_cannot_be_called_from_outside(stack, client, make_tok
 
     assert response.status_code == 404
     assert [line for line in stack.authd.audit_lines() if line.get("uri") == path] == []
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        pytest.param("%0d%0aX-Authd-Email:%20mallory@evil.example%0d%0a", id="crlf-encoded"),
+        pytest.param("%252e%252e%252fadmin", id="double-encoded"),
+        pytest.param(";jsessionid=1?admin=1&x=", id="matrix-and-query"),
+        pytest.param("x" * 4000, id="4000-chars"),
+        pytest.param("%C3%A9t%C3%A9?q=%ff", id="utf8-and-bad-byte"),
+    ],
+)
+def test_an_odd_uri_changes_no_decision(visit, make_token, odd):
+    location = f"/wiki/{odd}"
+
+    refused = visit(location, audited=False)
+    allowed = visit(location, token=make_token(email="alice@example.com"), audited=False)
+
+    assert refused.status == 401
+    assert refused.received is None
+    assert allowed.status == 200
+    assert allowed.received is not None
+    assert allowed.received.values("x-authd-email") == ["alice@example.com"]
