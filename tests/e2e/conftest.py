@@ -97,7 +97,7 @@ def user_claims(
         "exp": now + ttl,
         "country": country,
         "identity_nonce": uuid.uuid4().hex,
-        "custom": dict(custom or {"department": "Engineering"}),
+        "custom": dict(custom if custom is not None else {"department": "Engineering"}),
     }
     claims.update(overrides)
     return claims
@@ -238,7 +238,7 @@ class Visitor:
         body: bytes | None = None,
         audited: bool = True,
     ) -> Visit:
-        """GET a fresh path under `location`, with `token` in the assertion header and/or
+        """Request a fresh path under `location`, with `token` in the assertion header and/or
         `cookie` as `CF_Authorization`; collect the upstream's view and authd's audit line.
 
         `audited=False` for requests that nginx answers without asking authd.
