@@ -257,8 +257,9 @@ def _jwk_problem(jwk: object) -> str | None:
         return "symmetric key"
     if any(m in jwk for m in _PRIVATE_MEMBERS):
         return "private key material (a public key set must not hold it)"
-    if jwk.get("kty") not in _JWK_LOADERS:
-        return f"unsupported kty {jwk.get('kty')!r}"
+    kty = jwk.get("kty")
+    if not isinstance(kty, str) or kty not in _JWK_LOADERS:
+        return f"unsupported kty {kty!r}"
     return None
 
 
