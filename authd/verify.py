@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 # costs hundreds of times the CPU of a normal one.
 MAX_TOKEN_BYTES = 6144
 MAX_LIFETIME_SECONDS = 400 * 86400  # no real token lives longer; exp = 10**30 is an attack
+MAX_NUMERIC_DATE = 2**53  # the largest integer a float holds exactly; far beyond any real date
 ALLOWED_HEADER_MEMBERS = frozenset({"alg", "kid", "typ"})
 
 _STRUCTURE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
@@ -257,10 +258,13 @@ def _numeric_date(
             raise Denied(Reason.BAD_CLAIMS, f"{name} is missing or null")
         return None
     # bool is an int in Python, and "1700000000" is a string: neither is a NumericDate.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise Denied(Reason.BAD_CLAIMS, f"{name} is not a finite JSON number")
-    if value < 0:
-        raise Denied(Reason.BAD_CLAIMS, f"{name} is negative")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Denied(Reason.BAD_CLAIMS, f"{name} is not a JSON number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Denied(Reason.BAD_CLAIMS, f"{name} is not finite")
+    # Checked before any float conversion: float(10**400) raises OverflowError.
+    if not 0 <= value <= MAX_NUMERIC_DATE:
+        raise Denied(Reason.BAD_CLAIMS, f"{name} is out of range")
     return float(value)
 
 
