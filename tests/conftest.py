@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from authd import config as config_mod
+from authd.claims import Claims
 from authd.dev import key_set, thumbprint
 from authd.errors import FetchError
 from authd.keys import Fetched, IssuerKeys, KeyStore
@@ -56,11 +57,27 @@ def kid(rsa_key) -> str:
     return thumbprint(rsa_key.public_key())
 
 
+class Raw(str):
+    """A JSON value written into a document exactly as given (NaN, 1e400, huge integers)."""
+
+    __slots__ = ()
+
+
+def to_json(obj: dict[str, object]) -> str:
+    """Compact JSON; top-level ``Raw`` values are spliced in verbatim."""
+    members = (
+        f"{json.dumps(k)}:{v if isinstance(v, Raw) else json.dumps(v, separators=(',', ':'))}"
+        for k, v in obj.items()
+    )
+    return "{" + ",".join(members) + "}"
+
+
 class Forge:
     """Builds tokens byte for byte: any header, any payload, any signature.
 
-    ``header``/``payload`` may be dicts (serialized compactly) or raw strings (sent
-    as they are, so duplicate members and odd numbers are possible).
+    ``header``/``payload`` may be dicts (serialized compactly, ``Raw`` values verbatim) or
+    raw strings (sent as they are, so duplicate members and odd numbers are possible).
+    An override of ``DROP`` leaves that member out.
     """
 
     def __init__(self, key: rsa.RSAPrivateKey, kid: str) -> None:
@@ -68,7 +85,7 @@ class Forge:
         self.kid = kid
 
     def header(self, **overrides: object) -> dict[str, object]:
-        return {"alg": "RS256", "kid": self.kid, "typ": "JWT"} | overrides
+        return _without_dropped({"alg": "RS256", "kid": self.kid, "typ": "JWT"} | overrides)
 
     def claims(self, **overrides: object) -> dict[str, object]:
         base: dict[str, object] = {
@@ -84,8 +101,24 @@ class Forge:
             "country": "DE",
             "custom": {"groups": ["sre", "ops"], "department": "infra"},
         }
-        out = base | overrides
-        return {k: v for k, v in out.items() if v is not _DROP}
+        return _without_dropped(base | overrides)
+
+    def rs256(self, signing_input: str, key: rsa.RSAPrivateKey | None = None) -> str:
+        sig = (key or self.key).sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return b64(sig)
+
+    def raw(
+        self,
+        header: str | bytes,
+        payload: str | bytes,
+        *,
+        key: rsa.RSAPrivateKey | None = None,
+        signature: str | None = None,
+    ) -> str:
+        """Segments from raw bytes, signed RS256 (so only the bytes under test are wrong)."""
+        signing_input = f"{b64(header)}.{b64(payload)}"
+        sig = signature if signature is not None else self.rs256(signing_input, key)
+        return f"{signing_input}.{sig}"
 
     def token(
         self,
@@ -95,31 +128,30 @@ class Forge:
         key: rsa.RSAPrivateKey | None = None,
         signature: str | None = None,
     ) -> str:
-        h = header if header is not None else self.header()
-        p = payload if payload is not None else self.claims()
-        h_raw = h if isinstance(h, str) else json.dumps(h, separators=(",", ":"))
-        p_raw = p if isinstance(p, str) else json.dumps(p, separators=(",", ":"))
-        signing_input = f"{b64(h_raw)}.{b64(p_raw)}"
-        if signature is None:
-            sig = (key or self.key).sign(
-                signing_input.encode(),
-                padding.PKCS1v15(),
-                hashes.SHA256(),
-            )
-            signature = b64(sig)
-        return f"{signing_input}.{signature}"
+        h = self.header() if header is None else header
+        p = self.claims() if payload is None else payload
+        return self.raw(
+            h if isinstance(h, str) else to_json(h),
+            p if isinstance(p, str) else to_json(p),
+            key=key,
+            signature=signature,
+        )
 
     def valid(self, **claims: object) -> str:
         return self.token(payload=self.claims(**claims))
 
 
-_DROP = object()
+DROP = object()
+
+
+def _without_dropped(members: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in members.items() if v is not DROP}
 
 
 @pytest.fixture(scope="session")
 def drop() -> object:
     """Pass as a claim override to leave that claim out."""
-    return _DROP
+    return DROP
 
 
 @pytest.fixture(scope="session")
@@ -207,3 +239,23 @@ def make_config(**policies: dict[str, object]) -> config_mod.Config:
         "policies": policies or {"wiki": {"audience": [AUD]}},
     }
     return config_mod.parse(raw)
+
+
+def verified_claims(
+    payload: dict[str, object] | None = None,
+    *,
+    email: str = "alice@example.com",
+    service_token: str = "",
+) -> Claims:
+    """Claims as the verifier hands them on: a user's by default, a service token's on request."""
+    return Claims(
+        payload={} if payload is None else payload,
+        issuer_name="cf",
+        iss="https://t.cloudflareaccess.com",
+        kid="k",
+        alg="RS256",
+        exp=0,
+        email="" if service_token else email,
+        sub="" if service_token else "sub-1",
+        service_token=service_token,
+    )

@@ -14,6 +14,7 @@ from authd.headers import (
 )
 from authd.policy import Policy
 from authd.verify import MAX_TOKEN_BYTES
+from tests.conftest import verified_claims
 
 AUD = "a" * 64
 TOK = "aaaa.bbbb.cccc"
@@ -181,17 +182,7 @@ def plan(**policy_rules: object) -> HeaderPlan:
 
 
 def claims(payload: dict, email: str = "alice@example.com", service_token: str = "") -> Claims:
-    return Claims(
-        payload=payload,
-        issuer_name="cf",
-        iss="https://t.cloudflareaccess.com",
-        kid="k",
-        alg="RS256",
-        exp=0,
-        email=email,
-        sub="" if service_token else "sub-1",
-        service_token=service_token,
-    )
+    return verified_claims(payload, email=email, service_token=service_token)
 
 
 def test_default_identity_headers_for_a_user():

@@ -4,6 +4,7 @@ from authd.claims import Claims
 from authd.config import parse
 from authd.errors import Denied, Reason
 from authd.policy import Policy
+from tests.conftest import verified_claims
 
 AUD = "a" * 64
 
@@ -19,31 +20,11 @@ def policy(**rules: object) -> Policy:
 
 
 def user(email: str = "alice@example.com", **payload: object) -> Claims:
-    return Claims(
-        payload={"email": email, **payload},
-        issuer_name="cf",
-        iss="https://t.cloudflareaccess.com",
-        kid="k",
-        alg="RS256",
-        exp=0,
-        email=email,
-        sub="s",
-        service_token="",
-    )
+    return verified_claims({"email": email, **payload}, email=email)
 
 
 def service(client_id: str = "abc.access") -> Claims:
-    return Claims(
-        payload={"common_name": client_id},
-        issuer_name="cf",
-        iss="https://t.cloudflareaccess.com",
-        kid="k",
-        alg="RS256",
-        exp=0,
-        email="",
-        sub="",
-        service_token=client_id,
-    )
+    return verified_claims({"common_name": client_id}, service_token=client_id)
 
 
 def reason(p: Policy, c: Claims) -> Reason:

@@ -39,28 +39,25 @@ from authd.verify import (
     decode_json_segment,
     split,
 )
-from tests.conftest import AUD, ISSUER, NOW, OTHER_AUD, FakeClock, FakeSource, b64, issuer_config
+from tests.conftest import (
+    AUD,
+    DROP,
+    ISSUER,
+    NOW,
+    OTHER_AUD,
+    FakeClock,
+    FakeSource,
+    Forge,
+    Raw,
+    b64,
+    issuer_config,
+    to_json,
+)
 
 LEEWAY = 30
 OTHER_ISSUER = "https://other.cloudflareaccess.com"
 SERVICE_TOKEN_ID = "e367826f93b8d71185e03fe518aff3b4.access"
-WYCHEPROOF = Path(__file__).resolve().parents[3] / "shared" / "data" / "wycheproof"
-MISSING = object()  # a claim or header override that leaves the member out
-
-
-class Raw(str):
-    """A JSON value written into a document exactly as given (NaN, 1e400, huge integers)."""
-
-    __slots__ = ()
-
-
-def to_json(obj: dict[str, object]) -> str:
-    """Compact JSON; top-level ``Raw`` values are spliced in verbatim."""
-    members = (
-        f"{json.dumps(k)}:{v if isinstance(v, Raw) else json.dumps(v, separators=(',', ':'))}"
-        for k, v in obj.items()
-    )
-    return "{" + ",".join(members) + "}"
+WYCHEPROOF = Path(__file__).resolve().parents[1] / "data" / "wycheproof"
 
 
 def with_duplicate(obj: dict[str, object], name: str, value: object) -> str:
@@ -69,82 +66,20 @@ def with_duplicate(obj: dict[str, object], name: str, value: object) -> str:
     return text[:-1] + f",{json.dumps(name)}:{json.dumps(value)}}}"
 
 
-def _apply(base: dict[str, object], overrides: dict[str, object]) -> dict[str, object]:
-    out = base | overrides
-    return {k: v for k, v in out.items() if v is not MISSING}
-
-
-class Mint:
-    """Token factory on top of the shared keys: any bytes in header and payload, any algorithm."""
+class Mint(Forge):
+    """The shared forge, plus real signatures in every other algorithm and HMAC forgeries."""
 
     def __init__(self, key: rsa.RSAPrivateKey, kid: str, foreign: rsa.RSAPrivateKey) -> None:
-        self.key = key
-        self.kid = kid
+        super().__init__(key, kid)
         self.foreign = foreign
         self.ec_key = ec.generate_private_key(ec.SECP256R1())
         self.ed_key = ed25519.Ed25519PrivateKey.generate()
-
-    def header(self, **overrides: object) -> dict[str, object]:
-        return _apply({"alg": "RS256", "kid": self.kid, "typ": "JWT"}, overrides)
-
-    def claims(self, **overrides: object) -> dict[str, object]:
-        base: dict[str, object] = {
-            "aud": [AUD],
-            "email": "alice@example.com",
-            "exp": int(NOW) + 3600,
-            "iat": int(NOW) - 10,
-            "nbf": int(NOW) - 10,
-            "iss": ISSUER,
-            "type": "app",
-            "identity_nonce": "nonce-1",
-            "sub": "7335d417-61da-459d-899c-0a01c76a8e1f",
-            "country": "DE",
-            "custom": {"groups": ["sre", "ops"], "department": "infra"},
-        }
-        return _apply(base, overrides)
-
-    def rs256(self, signing_input: str, key: rsa.RSAPrivateKey | None = None) -> str:
-        sig = (key or self.key).sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-        return b64(sig)
-
-    def raw(
-        self,
-        header: str | bytes,
-        payload: str | bytes,
-        *,
-        key: rsa.RSAPrivateKey | None = None,
-        signature: str | None = None,
-    ) -> str:
-        """Segments from raw bytes, signed RS256 (so only the bytes under test are wrong)."""
-        signing_input = f"{b64(header)}.{b64(payload)}"
-        sig = signature if signature is not None else self.rs256(signing_input, key)
-        return f"{signing_input}.{sig}"
-
-    def token(
-        self,
-        header: dict[str, object] | str | None = None,
-        payload: dict[str, object] | str | None = None,
-        *,
-        key: rsa.RSAPrivateKey | None = None,
-        signature: str | None = None,
-    ) -> str:
-        h = self.header() if header is None else header
-        p = self.claims() if payload is None else payload
-        return self.raw(
-            h if isinstance(h, str) else to_json(h),
-            p if isinstance(p, str) else to_json(p),
-            key=key,
-            signature=signature,
-        )
 
     def with_claims(self, **overrides: object) -> str:
         return self.token(payload=self.claims(**overrides))
 
     def with_header(self, **overrides: object) -> str:
         return self.token(header=self.header(**overrides))
-
-    def valid(self) -> str:
-        return self.token()
 
     def signed_by(self, alg: str, header: dict[str, object] | None = None, **claims) -> str:
         """A token whose header says ``alg`` and whose signature really is ``alg``."""
@@ -230,6 +165,24 @@ def replace_segment(token: str, index: int, new: str) -> str:
 def replace_char(token: str, segment: int, position: int, char: str) -> str:
     seg = segments(token)[segment]
     return replace_segment(token, segment, seg[:position] + char + seg[position + 1 :])
+
+
+def signing_input(token: str) -> str:
+    return token.rsplit(".", 1)[0]
+
+
+def resigned(
+    m: Mint,
+    *,
+    over: str | None = None,
+    scheme: padding.AsymmetricPadding | None = None,
+    digest: hashes.HashAlgorithm | None = None,
+) -> str:
+    """A valid token whose signature is the real key's, but over ``over`` or in another scheme."""
+    head = signing_input(m.valid())
+    data = (head if over is None else over).encode()
+    signature = m.key.sign(data, scheme or padding.PKCS1v15(), digest or hashes.SHA256())
+    return f"{head}.{b64(signature)}"
 
 
 def padded(segment: str) -> str:
@@ -753,7 +706,7 @@ async def test_token_of_exactly_the_cap_is_still_verified(verifier, mint):
 # 5. Algorithm games
 
 ALG_SPELLINGS: list = [
-    pytest.param(MISSING, id="missing"),
+    pytest.param(DROP, id="missing"),
     pytest.param(None, id="null"),
     pytest.param(256, id="number"),
     pytest.param(True, id="bool"),
@@ -999,7 +952,7 @@ async def test_header_games(verifier, mint, source, build):
     assert source.calls == 1  # no member of the header makes authd fetch anything
 
 
-@pytest.mark.parametrize("typ", ["JWT", "jwt", "Jwt", MISSING])
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "Jwt", DROP])
 async def test_typ_jwt_in_any_case_or_absent_is_accepted(verifier, mint, typ):
     claims = await verifier.verify(mint.with_header(typ=typ), (AUD,))
     assert claims.email == "alice@example.com"
@@ -1021,7 +974,7 @@ async def test_header_games_are_refused_even_when_keys_are_unavailable(clock, mi
 # 7. kid games
 
 KID_BAD_HEADER: list = [
-    pytest.param(MISSING, id="missing"),
+    pytest.param(DROP, id="missing"),
     pytest.param(None, id="null"),
     pytest.param(1, id="number"),
     pytest.param(True, id="bool"),
@@ -1237,59 +1190,16 @@ SIGNATURE_GAMES: list = [
         id="signature-over-other-input",
     ),
     pytest.param(
-        lambda m: (
-            ".".join(segments(m.valid())[:2])
-            + "."
-            + b64(
-                m.key.sign(
-                    ".".join(segments(m.valid())[:2]).encode(),
-                    padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
-                    hashes.SHA256(),
-                ),
-            )
-        ),
+        lambda m: resigned(m, scheme=padding.PSS(padding.MGF1(hashes.SHA256()), salt_length=32)),
         id="pss-signature-under-RS256",
     ),
+    pytest.param(lambda m: resigned(m, digest=hashes.SHA512()), id="sha512-signature-under-RS256"),
     pytest.param(
-        lambda m: (
-            ".".join(segments(m.valid())[:2])
-            + "."
-            + b64(
-                m.key.sign(
-                    ".".join(segments(m.valid())[:2]).encode(),
-                    padding.PKCS1v15(),
-                    hashes.SHA512(),
-                ),
-            )
-        ),
-        id="sha512-signature-under-RS256",
-    ),
-    pytest.param(
-        lambda m: (
-            ".".join(segments(m.valid())[:2])
-            + "."
-            + b64(
-                m.key.sign(
-                    (to_json(m.header()) + "." + to_json(m.claims())).encode(),
-                    padding.PKCS1v15(),
-                    hashes.SHA256(),
-                ),
-            )
-        ),
+        lambda m: resigned(m, over=f"{to_json(m.header())}.{to_json(m.claims())}"),
         id="signed-over-json-not-base64",
     ),
     pytest.param(
-        lambda m: (
-            ".".join(segments(m.valid())[:2])
-            + "."
-            + b64(
-                m.key.sign(
-                    (".".join(segments(m.valid())[:2]) + ".").encode(),
-                    padding.PKCS1v15(),
-                    hashes.SHA256(),
-                ),
-            )
-        ),
+        lambda m: resigned(m, over=signing_input(m.valid()) + "."),
         id="signed-over-trailing-dot",
     ),
 ]
@@ -1371,7 +1281,7 @@ EARLY = {"iat": int(NOW) - 7200, "nbf": int(NOW) - 7200}  # issued well before a
 
 TIME_DENIED: list = [
     # exp of the wrong type or value
-    pytest.param({"exp": MISSING}, Reason.BAD_CLAIMS, id="exp-missing"),
+    pytest.param({"exp": DROP}, Reason.BAD_CLAIMS, id="exp-missing"),
     pytest.param({"exp": str(int(NOW) + 3600)}, Reason.BAD_CLAIMS, id="exp-numeric-string"),
     pytest.param({"exp": "1800003600.5"}, Reason.BAD_CLAIMS, id="exp-float-string"),
     pytest.param({"exp": True}, Reason.BAD_CLAIMS, id="exp-true"),
@@ -1430,17 +1340,17 @@ TIME_DENIED: list = [
     pytest.param({"exp": NOW - LEEWAY - 0.5, **EARLY}, Reason.EXPIRED, id="expired-float"),
     pytest.param({"exp": int(NOW) - 3600, **EARLY}, Reason.EXPIRED, id="expired-1h"),
     pytest.param({"exp": 0, "iat": 0, "nbf": 0}, Reason.EXPIRED, id="exp-zero"),
-    pytest.param({"exp": 1, "iat": MISSING, "nbf": MISSING}, Reason.EXPIRED, id="exp-one"),
+    pytest.param({"exp": 1, "iat": DROP, "nbf": DROP}, Reason.EXPIRED, id="exp-one"),
     # not yet valid / issued in the future
     pytest.param({"nbf": int(NOW) + LEEWAY + 1}, Reason.NOT_YET_VALID, id="nbf-1s-beyond-leeway"),
     pytest.param({"nbf": int(NOW) + 1800}, Reason.NOT_YET_VALID, id="nbf-30min"),
     pytest.param({"nbf": NOW + LEEWAY + 0.001}, Reason.NOT_YET_VALID, id="nbf-float-just-beyond"),
     pytest.param(
-        {"iat": int(NOW) + LEEWAY + 1, "nbf": MISSING},
+        {"iat": int(NOW) + LEEWAY + 1, "nbf": DROP},
         Reason.ISSUED_IN_FUTURE,
         id="iat-1s-beyond-leeway",
     ),
-    pytest.param({"iat": int(NOW) + 1000, "nbf": MISSING}, Reason.ISSUED_IN_FUTURE, id="iat-1000s"),
+    pytest.param({"iat": int(NOW) + 1000, "nbf": DROP}, Reason.ISSUED_IN_FUTURE, id="iat-1000s"),
 ]
 
 
@@ -1457,10 +1367,10 @@ TIME_ACCEPTED: list = [
     pytest.param({"exp": float(EXP_LIMIT)}, id="exp-at-lifetime-limit"),
     pytest.param({"nbf": int(NOW) + LEEWAY}, id="nbf-at-leeway"),
     pytest.param({"nbf": int(NOW) + 10}, id="nbf-within-leeway"),
-    pytest.param({"iat": int(NOW) + LEEWAY, "nbf": MISSING}, id="iat-at-leeway"),
-    pytest.param({"nbf": MISSING}, id="nbf-missing"),
-    pytest.param({"iat": MISSING}, id="iat-missing"),
-    pytest.param({"iat": MISSING, "nbf": MISSING}, id="only-exp"),
+    pytest.param({"iat": int(NOW) + LEEWAY, "nbf": DROP}, id="iat-at-leeway"),
+    pytest.param({"nbf": DROP}, id="nbf-missing"),
+    pytest.param({"iat": DROP}, id="iat-missing"),
+    pytest.param({"iat": DROP, "nbf": DROP}, id="only-exp"),
     pytest.param({"iat": 0, "nbf": 0}, id="issued-at-epoch"),
     pytest.param({"iat": NOW - 0.25, "nbf": NOW - 0.25}, id="float-iat-nbf"),
     pytest.param({"exp": Raw("1800003600.0")}, id="exp-float-literal"),
@@ -1495,7 +1405,7 @@ async def test_clock_stepping_back_makes_a_token_not_yet_valid(verifier, mint, c
 # 10. Issuer games
 
 ISSUER_GAMES: list = [
-    pytest.param(MISSING, id="missing"),
+    pytest.param(DROP, id="missing"),
     pytest.param(None, id="null"),
     pytest.param([ISSUER], id="list"),
     pytest.param({"iss": ISSUER}, id="object"),
@@ -1563,7 +1473,7 @@ async def test_token_of_another_configured_issuer_is_not_verified_with_this_issu
 # 11. Audience games
 
 AUDIENCE_DENIED: list = [
-    pytest.param(MISSING, id="missing"),
+    pytest.param(DROP, id="missing"),
     pytest.param(None, id="null"),
     pytest.param("", id="empty-string"),
     pytest.param([], id="empty-list"),
@@ -1625,7 +1535,7 @@ async def test_token_for_this_app_is_refused_by_another_apps_policy(verifier, mi
 
 @pytest.mark.parametrize(
     "token_type",
-    ["org", MISSING, "APP", "App", "", None, "app ", " app", ["app"], 1, "application", "app\x00"],
+    ["org", DROP, "APP", "App", "", None, "app ", " app", ["app"], 1, "application", "app\x00"],
 )
 async def test_only_app_tokens_are_accepted(verifier, mint, token_type):
     assert await reason_of(verifier, mint.with_claims(type=token_type)) is Reason.BAD_TYPE
@@ -1635,13 +1545,13 @@ async def test_only_app_tokens_are_accepted(verifier, mint, token_type):
 # 13. Identity: a user (email) or a service token (common_name), never both, never neither
 
 SERVICE_TOKEN = {
-    "email": MISSING,
+    "email": DROP,
     "sub": "",
     "common_name": SERVICE_TOKEN_ID,
-    "nbf": MISSING,
-    "identity_nonce": MISSING,
-    "country": MISSING,
-    "custom": MISSING,
+    "nbf": DROP,
+    "identity_nonce": DROP,
+    "country": DROP,
+    "custom": DROP,
 }
 
 
@@ -1654,7 +1564,7 @@ async def test_service_token_yields_its_client_id(verifier, mint):
 
 
 async def test_service_token_without_sub_is_accepted(verifier, mint):
-    claims = await verifier.verify(mint.with_claims(**SERVICE_TOKEN | {"sub": MISSING}), (AUD,))
+    claims = await verifier.verify(mint.with_claims(**SERVICE_TOKEN | {"sub": DROP}), (AUD,))
     assert claims.service_token == SERVICE_TOKEN_ID
 
 
@@ -1664,12 +1574,12 @@ async def test_user_with_empty_common_name_is_a_user(verifier, mint):
 
 
 async def test_user_without_sub_is_accepted_with_empty_sub(verifier, mint):
-    claims = await verifier.verify(mint.with_claims(sub=MISSING), (AUD,))
+    claims = await verifier.verify(mint.with_claims(sub=DROP), (AUD,))
     assert (claims.email, claims.sub) == ("alice@example.com", "")
 
 
 IDENTITY_DENIED: list = [
-    pytest.param({"email": MISSING}, id="neither-email-nor-common-name"),
+    pytest.param({"email": DROP}, id="neither-email-nor-common-name"),
     pytest.param({"email": ""}, id="empty-email"),
     pytest.param({"email": None}, id="email-null"),
     pytest.param({"email": 5}, id="email-number"),
