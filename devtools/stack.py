@@ -545,6 +545,24 @@ class KeyServer(_LoopbackServer):
         super().__exit__(*exc_info)
 
 
+# Every way a key endpoint can let authd down, by name: the drills run each one.
+KEY_SERVER_FAULTS: dict[str, Callable[[KeyServer], None]] = {
+    "down": KeyServer.down,
+    "500": lambda server: server.fail(500),
+    "503": lambda server: server.fail(503),
+    "404": lambda server: server.fail(404),
+    "redirect": KeyServer.redirect,
+    "html": KeyServer.serve_html,
+    "garbage": KeyServer.serve_garbage,
+    "truncated-json": KeyServer.serve_truncated,
+    "empty-object": KeyServer.serve_empty_object,
+    "10-MiB": KeyServer.serve_huge,
+    "10-MiB-undeclared": lambda server: server.serve_huge(declare_length=False),
+    "gzip-bomb": KeyServer.serve_gzip_bomb,
+    # Beyond any fetch timeout the drills configure (they use 1 s).
+    "slower-than-the-fetch-timeout": lambda server: server.slow(5),
+}
+
 _GZIP = (("Content-Encoding", "gzip"),)
 
 
@@ -1017,6 +1035,10 @@ class Authd:
             if isinstance(event, dict):
                 parsed.append(event)
         return parsed
+
+    def count(self, event_name: str) -> int:
+        """How many events of this name authd has written so far."""
+        return sum(1 for event in self.events() if event.get("event") == event_name)
 
     def audit_lines(self) -> list[dict[str, Any]]:
         """The decision events: exactly one per `/auth` request."""

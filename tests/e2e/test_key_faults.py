@@ -8,24 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from devtools.stack import wait_for
+from devtools.stack import KEY_SERVER_FAULTS, wait_for
 
 pytestmark = pytest.mark.e2e
 
-FAULTS = [
-    pytest.param(lambda server: server.down(), id="down"),
-    pytest.param(lambda server: server.fail(500), id="500"),
-    pytest.param(lambda server: server.fail(503), id="503"),
-    pytest.param(lambda server: server.redirect(), id="redirect"),
-    pytest.param(lambda server: server.serve_html(), id="html"),
-    pytest.param(lambda server: server.serve_garbage(), id="garbage"),
-    pytest.param(lambda server: server.serve_truncated(), id="truncated-json"),
-    pytest.param(lambda server: server.serve_empty_object(), id="empty-object"),
-    pytest.param(lambda server: server.serve_huge(), id="10-MiB"),
-    pytest.param(lambda server: server.serve_huge(declare_length=False), id="10-MiB-undeclared"),
-    pytest.param(lambda server: server.serve_gzip_bomb(), id="gzip-bomb"),
-    pytest.param(lambda server: server.slow(5), id="slower-than-the-fetch-timeout"),
-]
+FAULTS = [pytest.param(fault, id=name) for name, fault in KEY_SERVER_FAULTS.items()]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +33,7 @@ def test_users_keep_working_on_the_last_good_keys(
     visit, failing_key_server, make_token, next_key, misbehave
 ):
     def failed_fetches() -> int:
-        events = visit.stack.authd.events()
-        return sum(1 for e in events if e.get("event") == "keys_fetch_failed")
+        return visit.stack.authd.count("keys_fetch_failed")
 
     misbehave(failing_key_server)
     before = failed_fetches()
