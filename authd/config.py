@@ -138,6 +138,14 @@ class Config:
             out.append("issuers: none configured: every token is refused (401 bad_issuer)")
         if not self.policies:
             out.append("policies: none configured: every request is refused (403 unknown_policy)")
+        for policy in self.policies.values():
+            if policy.headers:
+                names = ", ".join(name for name, _ in policy.headers)
+                out.append(
+                    f"policies.{policy.name}.headers: {names} reach the application only through "
+                    "the rendered location snippet (`authd nginx-snippet`); with the shipped one, "
+                    "nginx neither copies them nor removes a client's forged copy",
+                )
         return out
 
 
