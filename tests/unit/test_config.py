@@ -238,11 +238,12 @@ def test_load_reads_the_documented_example(tmp_path):
     )
     cfg = config.load(path)
     assert cfg.policies["wiki"].allow_groups == frozenset({"sre"})
-    assert cfg.warnings() == [
+    warning = (
         "policies.wiki.headers: X-Authd-Department reach the application only through the "
         "rendered location snippet (`authd nginx-snippet`); with the shipped one, nginx neither "
-        "copies them nor removes a client's forged copy",
-    ]
+        "copies them nor removes a client's forged copy"
+    )
+    assert cfg.warnings() == [warning]
 
 
 def test_the_shipped_example_is_valid():
