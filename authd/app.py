@@ -1,4 +1,4 @@
-"""The HTTP application nginx talks to: ``/auth/<policy>``, ``/healthz``, ``/readyz``."""
+"""The HTTP application nginx talks to: ``/auth/<policy>``, health, readiness, metrics."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import falcon
 import falcon.asgi
 import structlog
 
+from authd import metrics
 from authd.errors import Reason
 from authd.headers import RequestFacts, extract_token
 
 if TYPE_CHECKING:
     from authd.audit import Auditor
-    from authd.config import TokenSource
-    from authd.decision import Authorizer, Decision
-    from authd.keys import KeyStore
+    from authd.decision import Decision
+    from authd.service import Service
 
 log = structlog.get_logger("authd.app")
 
@@ -27,14 +27,8 @@ AUTH_PREFIX = "/auth/"
 class AuthSink:
     """``/auth/<policy>`` for any method; the body is never read, every answer has none."""
 
-    def __init__(
-        self,
-        authorizer: Authorizer,
-        token_sources: tuple[TokenSource, ...],
-        auditor: Auditor,
-    ) -> None:
-        self.authorizer = authorizer
-        self.token_sources = token_sources
+    def __init__(self, service: Service, auditor: Auditor) -> None:
+        self.service = service
         self.auditor = auditor
 
     async def __call__(
@@ -45,14 +39,17 @@ class AuthSink:
     ) -> None:
         assert resp is not None  # None only for WebSocket routes
         started = time.perf_counter()
+        gen = self.service.current  # one generation for the whole request, even across a reload
         policy = req.path[len(AUTH_PREFIX) :]
-        decision = await self.authorizer.decide(
-            policy if "/" not in policy else "",
-            lambda: extract_token(self.token_sources, req),
-        )
+        if "/" in policy:
+            policy = ""
+        sources = gen.config.token_sources
+        decision = await gen.authorizer.decide(policy, lambda: extract_token(sources, req))
         render(decision, resp)
+        seconds = time.perf_counter() - started
+        metrics.observe(decision, policy in gen.authorizer.plans, seconds)
         facts = RequestFacts.from_request(req, req.method)
-        self.auditor.decision(decision, facts, (time.perf_counter() - started) * 1000)
+        self.auditor.decision(decision, facts, seconds * 1000)
 
 
 def render(d: Decision, resp: falcon.asgi.Response) -> None:
@@ -84,15 +81,17 @@ class Health:
 class Ready:
     """``/readyz``: 200 only when every issuer has a usable key set, else 503."""
 
-    def __init__(self, keys: KeyStore) -> None:
-        self.keys = keys
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
     async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        ready = self.keys.ready()
+        keys = self.service.current.keys
+        ready = keys.ready()
         resp.status = 200 if ready else 503
         resp.content_type = falcon.MEDIA_JSON
         resp.media = {
             "ready": ready,
+            "status": self.service.status(),
             "issuers": {
                 k.name: {
                     "usable": k.usable(),
@@ -100,30 +99,48 @@ class Ready:
                     "kids": len(k.kids()),
                     "last_error": k.last_error,
                 }
-                for k in self.keys.issuers.values()
+                for k in keys.issuers.values()
             },
         }
 
     on_head = on_get
 
 
+class Metrics:
+    """``/metrics``: Prometheus text format, over every worker process."""
+
+    async def on_get(self, _req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = metrics.CONTENT_TYPE
+        resp.data = metrics.render()
+
+
 class Lifecycle:
     """Startup: the first fetch of every key set (bounded), then background refresh."""
 
-    def __init__(self, keys: KeyStore, closing: Sequence[Callable[[], Awaitable[None]]]) -> None:
-        self.keys = keys
+    def __init__(
+        self,
+        service: Service,
+        started: Sequence[Callable[[], Awaitable[None]]],
+        closing: Sequence[Callable[[], Awaitable[None]]],
+    ) -> None:
+        self.service = service
+        self.started = started
         self.closing = closing
 
     async def process_startup(self, _scope: object, _event: object) -> None:
-        await self.keys.start()
+        await self.service.start()
+        keys = self.service.current.keys
         log.info(
             "started",
-            ready=self.keys.ready(),
-            issuers={k.name: k.usable() for k in self.keys.issuers.values()},
+            ready=keys.ready(),
+            issuers={k.name: k.usable() for k in keys.issuers.values()},
+            status=self.service.status(),
         )
+        for hook in self.started:
+            await hook()
 
     async def process_shutdown(self, _scope: object, _event: object) -> None:
-        await self.keys.stop()
+        await self.service.stop()
         for close in self.closing:
             await close()
 
@@ -143,23 +160,24 @@ async def _unexpected(
 
 def create_app(
     *,
-    authorizer: Authorizer,
-    keys: KeyStore,
+    service: Service,
     auditor: Auditor,
-    token_sources: tuple[TokenSource, ...],
+    started: Sequence[Callable[[], Awaitable[None]]] = (),
     closing: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]:
     """Build the application from ready-made collaborators (the CLI and tests make them).
 
-    ``closing`` are called at shutdown, after the key refresh has stopped.
+    ``started`` are called once the first key fetches have finished; ``closing`` at
+    shutdown, after the key refresh has stopped.
     """
     app: falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response] = falcon.asgi.App(
-        middleware=[Lifecycle(keys, closing)],
+        middleware=[Lifecycle(service, started, closing)],
     )
     # Auth answers have no body, so no Content-Type either; JSON resources set theirs.
     app.resp_options.default_media_type = None  # type: ignore[assignment]
-    app.add_sink(AuthSink(authorizer, token_sources, auditor), prefix=AUTH_PREFIX)
+    app.add_sink(AuthSink(service, auditor), prefix=AUTH_PREFIX)
     app.add_route("/healthz", Health())
-    app.add_route("/readyz", Ready(keys))
+    app.add_route("/readyz", Ready(service))
+    app.add_route("/metrics", Metrics())
     app.add_error_handler(Exception, _unexpected)
     return app

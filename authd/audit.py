@@ -16,6 +16,8 @@ import structlog
 from authd.errors import Reason
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from authd.decision import Decision
     from authd.headers import RequestFacts
 
@@ -28,6 +30,9 @@ _SHARED: list[Any] = [
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
 ]
+
+
+_PROCESSORS: list[Any] = [*_SHARED, _TRACEBACKS, structlog.processors.JSONRenderer()]
 
 
 def configure(
@@ -43,11 +48,7 @@ def configure(
     """
     stream = stream if stream is not None else sys.stdout
     structlog.configure(
-        processors=[
-            *_SHARED,
-            _TRACEBACKS,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=_PROCESSORS,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=cache,
@@ -70,11 +71,50 @@ def configure(
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-class Auditor:
-    """Writes the decision events."""
+class AuditFile:
+    """The ``audit_file``: appended to a line at a time, reopened after logrotate moved it.
 
-    def __init__(self) -> None:
-        self._log = structlog.get_logger("authd.audit")
+    Every worker process opens the file for itself with ``O_APPEND``; a line is one
+    ``write``, so lines of different workers never interleave.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = self._open()
+
+    def _open(self) -> TextIO:
+        return self.path.open("a", encoding="utf-8", buffering=1)
+
+    def write(self, text: str) -> None:
+        self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def reopen(self) -> None:
+        """Open the path anew (a new file after a rotation); on failure keep the old one."""
+        new = self._open()
+        old, self._file = self._file, new
+        old.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Auditor:
+    """Writes the decision events: to the configured logging stream, or to an audit file."""
+
+    def __init__(self, file: AuditFile | None = None) -> None:
+        self.file = file
+        if file is None:
+            self._log = structlog.get_logger("authd.audit")
+        else:
+            self._log = structlog.wrap_logger(
+                structlog.WriteLogger(file),  # type: ignore[arg-type]  # duck-typed file
+                processors=_PROCESSORS,
+                wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+                cache_logger_on_first_use=True,
+            )
 
     def decision(self, d: Decision, facts: RequestFacts, duration_ms: float) -> None:
         c = d.claims

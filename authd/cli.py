@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
@@ -19,7 +20,7 @@ from typing import IO, TYPE_CHECKING
 
 import structlog
 
-from authd import __version__, audit, config, dev, snippets
+from authd import __version__, audit, config, dev, snippets, systemd
 from authd.decision import Authorizer, Decision
 from authd.errors import ConfigError, Denied
 from authd.keys import KeyStore, SystemClock, make_http_client
@@ -41,6 +42,7 @@ forwards to the origin, for nginx's auth_request: 200 with identity headers,
 
 commands:
   serve          run the daemon
+  reload         validate the configuration, then make a running authd reload it
   check-config   validate the configuration, listing every problem
   verify         explain what authd would answer for a token and a policy
   nginx-snippet  print the nginx snippets for this configuration
@@ -78,20 +80,58 @@ def _parser() -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
             Run the daemon: answer nginx's auth subrequests on the configured listen
             address (listen = "127.0.0.1:9180" or "unix:/run/authd/authd.sock"; a unix
-            socket is created with mode 0660).
+            socket is created with mode 0660). Under systemd socket activation
+            (authd.socket), authd serves the socket systemd passes and ignores listen.
 
             At startup authd fetches every issuer's keys once (each bounded by its
             fetch_timeout_seconds) and then refreshes them in the background. If a key
             endpoint is down, authd still starts: /readyz answers 503 and requests with
             a token get 503 (nginx: 500) until the keys arrive; it retries by itself.
+            Until the configuration has an issuer and a policy, authd runs, says it is
+            not configured, and denies every request.
+
+            workers = N (default 1) runs N serving processes on the one socket under a
+            supervisor. Keys, cooldowns and caches are per process: "one refetch per
+            cooldown" holds per worker. /metrics adds up all workers.
 
             Output: one JSON line per decision (event "decision") and per other event
-            (startup, key fetches, errors) on standard output.
-            SIGTERM or SIGINT: stop accepting, finish requests in flight, exit."""),
-        epilog="exit status: 0 after a clean shutdown, 2 for an invalid configuration.",
+            (startup, key fetches, errors) on standard output; decision lines go to
+            audit_file instead when that is set.
+
+            signals:
+              SIGHUP    reload: validate the configuration file; if it is valid, switch
+                        every worker to it (keys kept and refreshed, no connection
+                        dropped) and reopen audit_file; if not, log every problem
+                        (event "reload_failed") and keep serving the old one
+              SIGTERM   stop: finish requests in flight (at most 10 s), close idle
+              SIGINT    keepalive connections at once, exit
+
+            systemd: Type=notify. READY=1 once the first key fetches have finished
+            (success or not), with STATUS= saying whether keys are loaded; RELOADING=1
+            and READY=1 around a reload; STOPPING=1; WATCHDOG=1 when WatchdogSec is set."""),
+        epilog=textwrap.dedent("""\
+            exit status: 0 after a clean shutdown (a single process re-raises the
+            stop signal, as uvicorn does: 143 after SIGTERM), 1 when workers keep
+            dying, 2 for an invalid configuration or a socket it cannot use."""),
     )
     s.add_argument("--config", type=Path, help=_CONFIG_HELP)
     s.set_defaults(func=_serve)
+
+    r = sub.add_parser(
+        "reload",
+        help="validate the configuration, then tell a running authd to reload",
+        formatter_class=fmt,
+        description=textwrap.dedent("""\
+            Validate the configuration file like check-config; if it is valid, send
+            SIGHUP to the authd with process id PID, which then switches to it. If it
+            is not, print every problem and signal nothing: the running authd keeps its
+            configuration. The unit's ExecReload runs this, so 'systemctl reload authd'
+            fails, with the problems in the journal, when the new file is broken."""),
+        epilog="exit status: 0 signalled, 1 no such process, 2 invalid configuration.",
+    )
+    r.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    r.add_argument("--pid", type=int, required=True, help="the running authd (systemd: $MAINPID)")
+    r.set_defaults(func=_reload)
 
     c = sub.add_parser(
         "check-config",
@@ -376,6 +416,7 @@ def _print_explanation(report: dict[str, object]) -> None:
 
 
 def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    path = _config_path(args, env)
     cfg = _load(args, env, sys.stderr)
     if cfg is None:
         return EXIT_CONFIG
@@ -383,48 +424,25 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for warning in cfg.warnings():
         log.warning("config_warning", problem=warning)
     try:
-        sock = bind(cfg.listen)
+        sock = systemd.activated_socket() or bind(cfg.listen)
     except OSError as ex:
         log.error("cannot_listen", listen=str(cfg.listen), error=str(ex))  # noqa: TRY400 -- the message says it all
         return EXIT_CONFIG
-    _run(cfg, sock)
+    from authd import server  # noqa: PLC0415 -- only `serve` needs the server
+
+    return server.run(cfg, path, sock)
+
+
+def _reload(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    if _load(args, env, sys.stderr) is None:
+        print("not reloading: the running authd keeps its configuration", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        os.kill(args.pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"no process {args.pid}", file=sys.stderr)
+        return 1
     return 0
-
-
-def _run(cfg: Config, sock: socket.socket) -> None:
-    import uvicorn  # noqa: PLC0415 -- only `serve` needs the server
-
-    from authd.app import create_app  # noqa: PLC0415 -- likewise
-
-    client = make_http_client()
-    keys = KeyStore.from_config(cfg.issuers, client, SystemClock())
-    app = create_app(
-        authorizer=Authorizer.from_config(cfg, keys, SystemClock()),
-        keys=keys,
-        auditor=audit.Auditor(),
-        token_sources=cfg.token_sources,
-        closing=(client.aclose,),
-    )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            log_config=None,  # logging is configured by authd.audit: JSON lines
-            access_log=False,  # the audit line is the access log
-            server_header=False,
-            date_header=False,
-            proxy_headers=False,
-            # nginx closes idle upstream connections after 60 s (authd-http.conf); staying
-            # open longer means authd never closes one that nginx is about to reuse.
-            timeout_keep_alive=75,
-            timeout_graceful_shutdown=10,
-        ),
-    )
-    log.info("starting", version=__version__, listen=str(cfg.listen), pid=os.getpid())
-    server.run(sockets=[sock])
-    log.info("stopped")
 
 
 def bind(listen: Listen) -> socket.socket:

@@ -21,6 +21,7 @@ from authd.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/authd/authd.toml")
 DEFAULT_LISTEN = "127.0.0.1:9180"
+MAX_WORKERS = 64
 DEFAULT_TOKEN_SOURCES = ("header:Cf-Access-Jwt-Assertion", "cookie:CF_Authorization")
 
 # Only asymmetric algorithms: an issuer publishes public keys, and accepting an HMAC
@@ -124,12 +125,19 @@ class PolicyConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=lambda: _parse_listen_or_die(DEFAULT_LISTEN))
+    workers: int = 1
+    audit_file: Path | None = None  # decision lines go here instead of standard output
     leeway_seconds: float = 30
     token_sources: tuple[TokenSource, ...] = ()
     issuers: tuple[IssuerConfig, ...] = ()
     policies: Mapping[str, PolicyConfig] = field(
         default_factory=lambda: types.MappingProxyType({}),
     )
+
+    @property
+    def configured(self) -> bool:
+        """Whether authd can allow anything at all: an issuer and a policy exist."""
+        return bool(self.issuers and self.policies)
 
     def warnings(self) -> list[str]:
         """Valid but probably not what the operator wants."""
@@ -170,6 +178,10 @@ def parse(raw: Mapping[str, object]) -> Config:
     top = _Table(raw, "", problems)
 
     listen = _parse_listen(top.get_str("listen", DEFAULT_LISTEN), top.path("listen"), problems)
+    workers = top.get_int("workers", 1, low=1, high=MAX_WORKERS)
+    audit_file = top.get_str("audit_file", None)
+    if audit_file is not None and not Path(audit_file).is_absolute():
+        problems.append("audit_file: must be an absolute path")
     leeway = top.get_number("leeway_seconds", 30, low=0, high=300)
     sources = tuple(
         s
@@ -207,6 +219,8 @@ def parse(raw: Mapping[str, object]) -> Config:
         raise ConfigError(problems)
     return Config(
         listen=listen or _parse_listen_or_die(DEFAULT_LISTEN),
+        workers=workers,
+        audit_file=Path(audit_file) if audit_file is not None else None,
         leeway_seconds=leeway,
         token_sources=sources,
         issuers=issuers,
@@ -455,6 +469,18 @@ class _Table:
             return default
         if not isinstance(value, str):
             self.problems.append(f"{self.path(key)}: expected a string")
+            return default
+        return value
+
+    def get_int(self, key: str, default: int, *, low: int, high: int) -> int:
+        value = self._take(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problems.append(f"{self.path(key)}: expected an integer")
+            return default
+        if not low <= value <= high:
+            self.problems.append(f"{self.path(key)}: must be between {low} and {high}")
             return default
         return value
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ class SystemClock:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+
+# Told about every fetch's outcome (the metrics listen here).
+FetchObserver: TypeAlias = "Callable[[IssuerKeys, bool], None]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +163,12 @@ def _read_capped(path: Path) -> bytes:
 
 
 def make_http_client() -> httpx.AsyncClient:
+    """The key fetcher's client: the system's CA store (not certifi's copy), which an
+    administrator maintains, and HTTPS_PROXY/NO_PROXY from the environment."""
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=True,
+        verify=ssl.create_default_context(),  # OpenSSL's paths; SSL_CERT_FILE/DIR override
         headers={"User-Agent": f"authd/{__version__}", "Accept": "application/json"},
         limits=httpx.Limits(max_connections=10, max_keepalive_connections=2),
     )
@@ -317,10 +325,17 @@ class IssuerKeys:
     ("one refetch per cooldown") holds per worker.
     """
 
-    def __init__(self, config: IssuerConfig, source: KeySource, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: IssuerConfig,
+        source: KeySource,
+        clock: Clock,
+        on_fetch: FetchObserver | None = None,
+    ) -> None:
         self.config = config
         self.source = source
         self.clock = clock
+        self.on_fetch = on_fetch
         self._keys: Mapping[str, VerifyKey] = {}
         self._loaded = False
         self._fetched_at = 0.0  # monotonic
@@ -391,6 +406,10 @@ class IssuerKeys:
             await asyncio.sleep(delay)
             await self.refresh()
 
+    def _observe(self, *, ok: bool) -> None:
+        if self.on_fetch is not None:
+            self.on_fetch(self, ok)
+
     def _start_fetch(self) -> None:
         self._inflight = asyncio.get_running_loop().create_task(self._fetch())
         self._inflight.add_done_callback(self._fetch_done)
@@ -406,6 +425,7 @@ class IssuerKeys:
             self._failures += 1
             self.fetches["error"] += 1
             self.last_error = str(ex) if isinstance(ex, FetchError) else f"bug: {ex!r}"
+            self._observe(ok=False)
             log.warning(
                 "keys_fetch_failed",
                 exc_info=not isinstance(ex, FetchError),
@@ -429,6 +449,7 @@ class IssuerKeys:
         self.fetches["ok"] += 1
         if changed:
             self.generation += 1
+        self._observe(ok=True)
         log.info(
             "keys_fetched",
             issuer=self.name,
@@ -470,14 +491,26 @@ class KeyStore:
         configs: tuple[IssuerConfig, ...],
         client: httpx.AsyncClient,
         clock: Clock,
+        on_fetch: FetchObserver | None = None,
+        *,
+        reuse: KeyStore | None = None,
     ) -> KeyStore:
+        """Key sets for ``configs``; with ``reuse``, an issuer configured exactly as before
+        keeps its loaded keys (a reload must not forget keys it cannot fetch again)."""
+
         def source(c: IssuerConfig) -> KeySource:
             if c.jwks_file is not None:
                 return FileSource(c.jwks_file)
             assert c.jwks_url is not None  # config guarantees exactly one
             return HttpSource(client, c.jwks_url, c.fetch_timeout_seconds)
 
-        return cls({c.issuer: IssuerKeys(c, source(c), clock) for c in configs})
+        def keys_for(c: IssuerConfig) -> IssuerKeys:
+            old = reuse.get(c.issuer) if reuse is not None else None
+            if old is not None and old.config == c:
+                return old
+            return IssuerKeys(c, source(c), clock, on_fetch)
+
+        return cls({c.issuer: keys_for(c) for c in configs})
 
     def get(self, iss: str) -> IssuerKeys | None:
         return self.issuers.get(iss)

@@ -8,6 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+import httpx
 import pytest
 import structlog
 from cryptography.hazmat.primitives import hashes
@@ -15,9 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from authd import config as config_mod
 from authd.claims import Claims
+from authd.decision import Authorizer
 from authd.dev import key_set, thumbprint
 from authd.errors import FetchError
 from authd.keys import Fetched, IssuerKeys, KeyStore
+from authd.service import Generation, Service
 
 ISSUER = "https://team.cloudflareaccess.com"
 AUD = "a" * 64
@@ -258,4 +261,14 @@ def verified_claims(
         email="" if service_token else email,
         sub="" if service_token else "sub-1",
         service_token=service_token,
+    )
+
+
+def make_service(cfg: config_mod.Config, store: KeyStore, clock: FakeClock) -> Service:
+    """A service serving ``cfg`` with an injected key store (not reloadable: no file)."""
+    return Service(
+        Generation(cfg, store, Authorizer.from_config(cfg, store, clock)),
+        path=None,
+        client=httpx.AsyncClient(),
+        clock=clock,
     )

@@ -5,10 +5,9 @@ from structlog.testing import capture_logs
 
 from authd.app import create_app
 from authd.audit import Auditor
-from authd.decision import Authorizer
 from authd.errors import Reason
 from authd.keys import IssuerKeys, KeyStore
-from tests.conftest import AUD, ISSUER, issuer_config, make_config
+from tests.conftest import AUD, ISSUER, issuer_config, make_config, make_service
 
 pytestmark = pytest.mark.usefixtures("store")
 
@@ -24,12 +23,7 @@ def config():
 
 @pytest.fixture
 def app(config, store, clock):
-    return create_app(
-        authorizer=Authorizer.from_config(config, store, clock),
-        keys=store,
-        auditor=Auditor(),
-        token_sources=config.token_sources,
-    )
+    return create_app(service=make_service(config, store, clock), auditor=Auditor())
 
 
 @pytest.fixture
@@ -196,12 +190,7 @@ async def test_keys_unavailable_is_503_but_no_token_stays_401(config, clock, for
     source.error = "connection refused"
     keys = IssuerKeys(issuer_config(), source, clock)
     store = KeyStore({ISSUER: keys})
-    app = create_app(
-        authorizer=Authorizer.from_config(config, store, clock),
-        keys=store,
-        auditor=Auditor(),
-        token_sources=config.token_sources,
-    )
+    app = create_app(service=make_service(config, store, clock), auditor=Auditor())
     async with falcon.testing.ASGIConductor(app) as client:
         assert (await client.simulate_get("/readyz")).status_code == 503
         resp = await client.simulate_get(
@@ -227,11 +216,9 @@ class Exploding:
 
 
 async def test_an_unexpected_exception_is_500_never_200(config, store, clock, forge):
-    authorizer = Authorizer.from_config(config, store, clock)
-    authorizer.verifier = Exploding()
-    app = create_app(
-        authorizer=authorizer, keys=store, auditor=Auditor(), token_sources=config.token_sources
-    )
+    service = make_service(config, store, clock)
+    service.current.authorizer.verifier = Exploding()
+    app = create_app(service=service, auditor=Auditor())
     token = forge.valid()
     async with falcon.testing.ASGIConductor(app) as client:
         with capture_logs() as logs:
