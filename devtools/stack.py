@@ -138,12 +138,20 @@ class _Captured:
 class _Process:
     """A subprocess in its own process group, with stdout and stderr captured."""
 
-    def __init__(self, argv: Sequence[str | Path], *, name: str, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str | Path],
+        *,
+        name: str,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = [str(arg) for arg in argv]
         self._popen = subprocess.Popen(
             self.argv,
             cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -879,6 +887,8 @@ def make_config(  # noqa: PLR0913 - one keyword per setting of the config file
     refresh_seconds: int = 3600,
     max_stale_seconds: int = 86400,
     fetch_timeout_seconds: int = 10,
+    workers: int | None = None,
+    audit_file: Path | None = None,
     name: str = "authd.toml",
 ) -> Path:
     """Write an authd config to `tmpdir/name` and return its path.
@@ -892,6 +902,10 @@ def make_config(  # noqa: PLR0913 - one keyword per setting of the config file
         "listen": listen or f"unix:{tmpdir / 'authd.sock'}",
         "leeway_seconds": leeway_seconds,
     }
+    if workers is not None:
+        top["workers"] = workers
+    if audit_file is not None:
+        top["audit_file"] = str(audit_file)
     issuer_table = {
         "name": "test",
         "issuer": issuer,
@@ -932,6 +946,71 @@ def _toml_key(key: str) -> str:
     return key if bare else json.dumps(key)
 
 
+# --- systemd's notify socket ---------------------------------------------------------------------
+
+
+class NotifySocket:
+    """The service manager's end of sd_notify: a datagram socket that records every message.
+
+    Pass `env` to authd (as systemd sets NOTIFY_SOCKET); `messages()` are parsed into dicts.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "notify.sock"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(self.path))
+        self._sock.settimeout(0.2)
+        self._messages: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._receive, name="notify", daemon=True)
+        self._thread.start()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": str(self.path)}
+
+    def _receive(self) -> None:
+        while not self._closing.is_set():
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self._lock:
+                self._messages.append(fields)
+
+    def messages(self) -> list[dict[str, str]]:
+        with self._lock:
+            return list(self._messages)
+
+    def wait_for(
+        self, field: str, value: str = "1", *, after: int = 0, timeout: float = READY_TIMEOUT
+    ) -> dict[str, str]:
+        """Wait until a message (from the `after`-th on) has `field=value`; return it."""
+
+        def seen() -> dict[str, str] | None:
+            for message in self.messages()[after:]:
+                if message.get(field) == value:
+                    return message
+            return None
+
+        return wait_for(seen, what=f"sd_notify {field}={value}", timeout=timeout)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 # --- authd ----------------------------------------------------------------------------------------
 
 
@@ -943,19 +1022,23 @@ class Authd:
     that starts authd without reachable keys passes `wait_ready=False`.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - one keyword per way of starting authd
         self,
         config: Path,
         *,
         exe: Path | None = None,
         wait_ready: bool = True,
         ready_timeout: float = READY_TIMEOUT,
+        activated: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.listen = Listen.parse(tomllib.loads(config.read_text())["listen"])
         self._exe = exe or authd_executable()
         self._wait_ready = wait_ready
         self._ready_timeout = ready_timeout
+        self._activated = activated
+        self._env = env
         self._process: _Process | None = None
         self._earlier_output: list[str] = []
 
@@ -966,7 +1049,10 @@ class Authd:
         return self._process
 
     def start(self) -> Self:
-        self._process = _Process([self._exe, "serve", "--config", self.config], name="authd")
+        argv: list[str | Path] = [self._exe, "serve", "--config", self.config]
+        if self._activated:
+            argv = [*self._socket_activation(), *argv]
+        self._process = _Process(argv, name="authd", env=self._env)
         try:
             wait_for(self._ready, what="authd to be ready", timeout=self._ready_timeout)
         except (TimeoutError, StackError) as ex:
@@ -974,6 +1060,27 @@ class Authd:
             self.stop()
             raise StackError(f"authd did not become ready: {ex}\n{description}") from ex
         return self
+
+    def _socket_activation(self) -> list[str]:
+        """systemd's own tool: it binds the listen address and passes it to authd as fd 3,
+        with LISTEN_FDS/LISTEN_PID, as authd.socket does (`-E` passes our variables on)."""
+        unix = self.listen.unix_path
+        address = str(unix) if unix else f"{self.listen.host}:{self.listen.port}"
+        passed = [arg for name in (self._env or {}) for arg in ("-E", name)]
+        return ["systemd-socket-activate", "--listen", address, *passed]
+
+    @property
+    def pid(self) -> int:
+        """The main process: the daemon, or with workers their supervisor."""
+        return self.process.pid
+
+    def worker_pids(self) -> list[int]:
+        """The workers a supervisor started and has not seen exit."""
+        started = [e["pid"] for e in self.events() if e.get("event") == "worker_started"]
+        ended = {
+            e["pid"] for e in self.events() if e.get("event") in {"worker_died", "worker_stopped"}
+        }
+        return [pid for pid in started if pid not in ended]
 
     def _ready(self) -> bool:
         if not self.process.running():
@@ -1039,6 +1146,14 @@ class Authd:
     def count(self, event_name: str) -> int:
         """How many events of this name authd has written so far."""
         return sum(1 for event in self.events() if event.get("event") == event_name)
+
+    def wait_for_event(self, event_name: str, *, timeout: float = 10.0) -> dict[str, Any]:
+        """Poll until authd has written an event of this name; return the first."""
+        return wait_for(
+            lambda: next((e for e in self.events() if e.get("event") == event_name), None),
+            what=f"authd's {event_name} event",
+            timeout=timeout,
+        )
 
     def audit_lines(self) -> list[dict[str, Any]]:
         """The decision events: exactly one per `/auth` request."""
@@ -1288,12 +1403,14 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(
+def running_stack(  # noqa: PLR0913 - as Authd, plus nginx's locations
     workdir: Path,
     config: Path,
     *,
     extra_locations: Callable[[str], Sequence[str]] | None = None,
     wait_ready: bool = True,
+    activated: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Stack]:
     """Start authd, the upstream and nginx; stop them all on exit, in reverse order.
 
@@ -1305,7 +1422,9 @@ def running_stack(
     policies = tomllib.loads(config.read_text()).get("policies", {})
     with contextlib.ExitStack() as stack:
         upstream = stack.enter_context(Upstream())
-        authd = stack.enter_context(Authd(config, wait_ready=wait_ready))
+        authd = stack.enter_context(
+            Authd(config, wait_ready=wait_ready, activated=activated, env=env),
+        )
         rendered = workdir / RENDERED_LOCATION_SNIPPET
         locations = [
             protected_location(

@@ -285,14 +285,21 @@ def visit(stack, client) -> Visitor:
 
 @pytest.fixture
 def drill(tmp_path, key_server) -> Iterator[Callable[..., Visitor]]:
-    """`drill(wait_ready=True, **settings)`: a stack for this test only, with its keys from
-    `key_server` and `settings` in its config; returns a `Visitor` (`.stack` is the stack).
+    """`drill(wait_ready=True, activated=False, env=None, **settings)`: a stack for this test
+    only, with its keys from `key_server` and `settings` in its config; returns a `Visitor`
+    (`.stack` is the stack). `activated` starts authd through systemd-socket-activate.
 
     nginx serves the same locations as the shared stack. Everything stops at the test's end.
     """
     with contextlib.ExitStack() as exits:
 
-        def start(*, wait_ready: bool = True, **settings: Any) -> Visitor:
+        def start(
+            *,
+            wait_ready: bool = True,
+            activated: bool = False,
+            env: Mapping[str, str] | None = None,
+            **settings: Any,
+        ) -> Visitor:
             config = make_config(tmp_path, jwks_url=key_server.url, policies=POLICIES, **settings)
             stack = exits.enter_context(
                 running_stack(
@@ -300,6 +307,8 @@ def drill(tmp_path, key_server) -> Iterator[Callable[..., Visitor]]:
                     config,
                     extra_locations=_extra_locations,
                     wait_ready=wait_ready,
+                    activated=activated,
+                    env=env,
                 )
             )
             http = exits.enter_context(httpx.Client(base_url=stack.url, timeout=15.0))
