@@ -143,7 +143,7 @@ class Config:
         """Valid but probably not what the operator wants."""
         out = []
         if not self.issuers:
-            out.append("issuers: none configured: every token is refused (401 bad_issuer)")
+            out.append("issuers: none configured: every token is refused (401)")
         if not self.policies:
             out.append("policies: none configured: every request is refused (403 unknown_policy)")
         for policy in self.policies.values():

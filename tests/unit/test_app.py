@@ -242,3 +242,31 @@ async def test_health_and_readiness(client):
     assert ready.status_code == 200
     assert ready.json["ready"] is True
     assert ready.json["issuers"]["team"]["kids"] == 1
+
+
+def sample(text: str, line_prefix: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix)
+    )
+
+
+async def test_metrics_count_decisions_by_policy_decision_and_reason(client, forge):
+    allow = 'authd_decisions_total{decision="allow",policy="wiki",reason=""}'
+    no_token = 'authd_decisions_total{decision="deny",policy="wiki",reason="no_token"}'
+    unknown = 'authd_decisions_total{decision="deny",policy="(unknown)",reason="unknown_policy"}'
+    before = (await client.simulate_get("/metrics")).text
+
+    await client.simulate_get("/auth/wiki", headers={"Cf-Access-Jwt-Assertion": forge.valid()})
+    await client.simulate_get("/auth/wiki")
+    await client.simulate_get("/auth/wiki")
+    await client.simulate_get("/auth/no-such-policy-" + "x" * 40)
+
+    resp = await client.simulate_get("/metrics")
+    assert resp.headers["content-type"].startswith("text/plain; version=")
+    after = resp.text
+    assert sample(after, allow) - sample(before, allow) == 1
+    assert sample(after, no_token) - sample(before, no_token) == 2
+    assert sample(after, unknown) - sample(before, unknown) == 1  # one label for any unknown name
+    assert "no-such-policy" not in after
+    count = "authd_decision_duration_seconds_count"
+    assert sample(after, count) - sample(before, count) == 4

@@ -1,6 +1,8 @@
 import json
 import socket
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -190,6 +192,7 @@ def test_nginx_snippet_without_a_configuration_renders_the_defaults(capsys, monk
     [
         [],
         ["serve"],
+        ["reload"],
         ["check-config"],
         ["verify"],
         ["nginx-snippet"],
@@ -229,3 +232,55 @@ def test_tcp_listen():
     sock = cli.bind(Listen(kind="tcp", host="127.0.0.1", port=0))
     assert sock.getsockname()[0] == "127.0.0.1"
     sock.close()
+
+
+@pytest.fixture
+def hangup_catcher():
+    """A process that records a SIGHUP in a file, as a running authd would act on it."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import signal, sys, time\n"
+                "signal.signal(signal.SIGHUP, lambda *_: (print('HUP', flush=True), sys.exit(0)))\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(30)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "ready\n"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_reload_signals_a_valid_configuration(capsys, setup, hangup_catcher):
+    path, _ = setup
+    code, _, err = run(capsys, "reload", "--config", str(path), "--pid", str(hangup_catcher.pid))
+    assert (code, err) == (0, "")
+    assert hangup_catcher.stdout.readline() == "HUP\n"
+    assert hangup_catcher.wait(5) == 0
+
+
+def test_reload_refuses_a_broken_configuration_without_signalling(capsys, setup, hangup_catcher):
+    path, _ = setup
+    path.write_text(path.read_text() + "workers = 0\n")
+    code, _, err = run(capsys, "reload", "--config", str(path), "--pid", str(hangup_catcher.pid))
+    assert code == 2
+    assert err.splitlines() == [
+        "policies.wiki.workers: unknown key",
+        "not reloading: the running authd keeps its configuration",
+    ]
+    time.sleep(0.2)
+    assert hangup_catcher.poll() is None  # never signalled
+
+
+def test_reload_of_a_process_that_is_gone(capsys, setup):
+    path, _ = setup
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    code, _, err = run(capsys, "reload", "--config", str(path), "--pid", str(gone.pid))
+    assert (code, err) == (1, f"no process {gone.pid}\n")

@@ -39,6 +39,19 @@ def test_minimal_config_gets_documented_defaults():
     assert (issuer.max_stale_seconds, issuer.fetch_timeout_seconds) == (86400, 10)
     assert cfg.policies["wiki"].audience == (AUD,)
     assert cfg.policies["wiki"].admits_any
+    assert (cfg.workers, cfg.audit_file) == (1, None)
+    assert cfg.configured
+
+
+def test_workers_and_audit_file():
+    cfg = config.parse(minimal(workers=4, audit_file="/var/log/authd/audit.log"))
+    assert (cfg.workers, str(cfg.audit_file)) == (4, "/var/log/authd/audit.log")
+    assert parse_problems(minimal(workers=0)) == ["workers: must be between 1 and 64"]
+    assert parse_problems(minimal(workers=2.5)) == ["workers: expected an integer"]
+    assert parse_problems(minimal(workers=True)) == ["workers: expected an integer"]
+    assert parse_problems(minimal(audit_file="audit.log")) == [
+        "audit_file: must be an absolute path",
+    ]
 
 
 def test_every_problem_is_reported_at_once_with_its_path():
@@ -193,6 +206,7 @@ def test_token_sources():
 def test_empty_configuration_is_valid_but_warns():
     cfg = config.parse({})
     assert cfg.issuers == ()
+    assert not cfg.configured
     assert len(cfg.warnings()) == 2
 
 
