@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import selectors
@@ -145,12 +146,18 @@ def serve(
         audit_file=audit_file,
     )
     tasks: set[asyncio.Task[None]] = set()
+    # A SIGHUP during startup (the first key fetches) is remembered, not fatal, and acted on
+    # once the service runs.
+    early: list[int] = []
+    signal.signal(signal.SIGHUP, lambda sig, _frame: early.append(sig))
 
     async def started() -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(tasks, _reload(service, reporter)))
         _spawn(tasks, _heartbeats(service, reporter))
         reporter.started(service.status())
+        if early:
+            _spawn(tasks, _reload(service, reporter))
 
     async def closing() -> None:
         for task in tasks:
@@ -231,7 +238,8 @@ class Supervisor:
     """Forks ``workers`` serving processes and speaks for them to systemd."""
 
     def __init__(self, cfg: Config, path: Path | None, sock: socket.socket) -> None:
-        self.cfg = cfg
+        self.cfg = cfg  # what a new worker starts with: updated by every valid reload
+        self.size = cfg.workers
         self.path = path
         self.sock = sock
         self.notifier = Notifier()
@@ -257,8 +265,8 @@ class Supervisor:
         signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
-        log.info("supervisor_started", workers=self.cfg.workers, pid=os.getpid())
-        for _ in range(self.cfg.workers):
+        log.info("supervisor_started", workers=self.size, pid=os.getpid())
+        for _ in range(self.size):
             self._spawn_worker(wake_r)
         buffer = b""
         last_watchdog = 0.0
@@ -328,10 +336,15 @@ class Supervisor:
                 self.ready_sent = True
                 self.notifier.ready(self._status())
                 log.info("ready", workers=len(self.workers), status=self.status)
-        elif event == "reloaded" and pid in self.pending_reload:
-            self.pending_reload.discard(pid)
+        elif event == "reloaded":
             self.reload_ok = self.reload_ok and bool(message.get("ok"))
             self.status = str(message.get("status", ""))
+            self._reload_done(pid)
+
+    def _reload_done(self, pid: int) -> None:
+        """One worker has reloaded (or died); the last one ends the reload for systemd."""
+        if pid in self.pending_reload:
+            self.pending_reload.discard(pid)
             if not self.pending_reload:
                 self.notifier.ready(self._status())
 
@@ -361,12 +374,21 @@ class Supervisor:
         if self.path is None or self.stopping:
             return
         try:
-            config_mod.load(self.path)
+            new = config_mod.load(self.path)
         except ConfigError as ex:
             log.error("reload_failed", path=str(self.path), problems=ex.problems)  # noqa: TRY400 -- the problems are the message
             return
+        # Workers started from now on serve the new configuration too; the settings of
+        # the process stay as they are until a restart (each worker says so).
+        self.cfg = dataclasses.replace(
+            new,
+            listen=self.cfg.listen,
+            workers=self.cfg.workers,
+            audit_file=self.cfg.audit_file,
+        )
         self.notifier.reloading()
-        self.pending_reload = set(self.started)
+        # Every worker, also one still starting: it reloads once it has started.
+        self.pending_reload = set(self.workers)
         self.reload_ok = True
         self._signal_workers(signal.SIGHUP)
 
@@ -388,7 +410,7 @@ class Supervisor:
             if self.workers.pop(pid, None) is None:
                 continue
             self.started.discard(pid)
-            self.pending_reload.discard(pid)
+            self._reload_done(pid)
             metrics.worker_exited(pid)
             if self.stopping:
                 log.info("worker_stopped", pid=pid, exit=_describe(status))
@@ -412,7 +434,7 @@ class Supervisor:
                 self.workers[pid] = now  # reaped (and replaced) through SIGCHLD
 
     def _all_reporting(self, now: float) -> bool:
-        return len(self.workers) == self.cfg.workers and all(
+        return len(self.workers) == self.size and all(
             now - seen < HEARTBEAT_SECONDS * 3 for seen in self.workers.values()
         )
 

@@ -244,3 +244,41 @@ def test_workers_exit_when_their_supervisor_is_killed(drill, notify):
 
     wait_for(lambda: all(gone(pid) for pid in workers), what="orphaned workers to exit", timeout=15)
     assert stack.authd.count("supervisor_gone") == 2
+
+
+def test_a_worker_started_after_a_reload_serves_the_new_configuration(drill, notify, make_token):
+    visit = drill(activated=True, env=notify.env, workers=2)
+    stack = visit.stack
+    notify.wait_for("READY")
+    edit_policy(
+        stack.config,
+        'allow_emails = ["alice@example.com"]',
+        'allow_emails = ["carol@example.com"]',
+    )
+    assert authd_reload(stack.config, stack.authd.pid).returncode == 0
+    wait_for(lambda: stack.authd.count("reloaded") == 2, what="both workers to reload")
+
+    os.kill(stack.authd.worker_pids()[0], signal.SIGKILL)
+    wait_for(lambda: stack.authd.count("worker_died") == 1, what="the supervisor to notice")
+    wait_for(lambda: len(stack.authd.worker_pids()) == 2, what="a new worker")
+    wait_for(lambda: stack.authd.count("started") == 3, what="the new worker to serve")
+    for _ in range(20):
+        carol = make_token(email="carol@example.com", aud=OPS_AUD)
+        assert visit("/ops/", token=carol).status == 200
+        assert visit("/ops/", token=make_token(aud=OPS_AUD)).status == 403
+
+
+def test_a_reload_during_startup_is_not_fatal_and_is_carried_out(
+    drill, notify, key_server, make_token
+):
+    key_server.slow(3)  # the first key fetch takes a while: authd is still starting
+    visit = drill(activated=True, env=notify.env, wait_ready=False, fetch_timeout_seconds=10)
+    stack = visit.stack
+    stack.authd.wait_for_event("Waiting for application startup.")  # uvicorn: keys next
+
+    os.kill(stack.authd.pid, signal.SIGHUP)
+
+    notify.wait_for("READY", timeout=20)
+    stack.authd.wait_for_event("reloaded")
+    assert stack.authd.running()
+    assert visit("/wiki/", token=make_token()).status == 200
