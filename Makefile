@@ -55,3 +55,86 @@ snippets: venv
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# ---------------------------------------------------------------------------------------
+# Packages: `make packages` builds dist/authd_<version>-<DEB_REVISION>_<arch>.deb and
+# dist/authd-<version>-<RPM_RELEASE>.x86_64.rpm (version: authd.__version__), checks them
+# with lintian and rpmlint, and installs the build tools first if any is missing.
+#   make deb DEB_REVISION=2 DIST=build/upgrade   # another revision, elsewhere
+#   make system-test   # the packages on a booted Debian 12 (debootstrap + systemd-nspawn)
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' authd/__init__.py)
+DEB_REVISION ?= 1
+RPM_RELEASE ?= 1
+DIST ?= dist
+PKG := build/pkg
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+RPM_ARCH := $(shell uname -m)
+DEB_FILE := $(DIST)/authd_$(VERSION)-$(DEB_REVISION)_$(DEB_ARCH).deb
+RPM_FILE := $(DIST)/authd-$(VERSION)-$(RPM_RELEASE).$(RPM_ARCH).rpm
+# Everything a package is made of: a change to any of these rebuilds it.
+PKG_INPUTS := pyproject.toml README.md LICENSE CHANGELOG.md \
+    $(shell find authd systemd packaging -type f -not -path '*/__pycache__/*' 2>/dev/null)
+PKG_TOOLS := dpkg-buildpackage:dpkg-dev dh:debhelper lintian:lintian rpmbuild:rpm \
+    rpmlint:rpmlint python3.11:python3.11
+SYSTEM_TEST_TOOLS := debootstrap:debootstrap systemd-nspawn:systemd-container \
+    systemd-analyze:systemd nsenter:util-linux
+
+.PHONY: packages deb rpm packaging-deps system-test-deps system-test
+
+packages: $(DEB_FILE) $(RPM_FILE)
+deb: $(DEB_FILE)
+rpm: $(RPM_FILE)
+
+# Install what is missing, and only that (CI starts from a fresh machine). A tool is
+# COMMAND:DEBIAN-PACKAGE; python3.11-venv is checked by importing ensurepip.
+define install_missing
+	@missing=""; \
+	for t in $(1); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	$(if $(3),/usr/bin/python3.11 -c 'import ensurepip' 2>/dev/null || missing="$$missing $(3)";) \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "$(2): missing$$missing; run 'make $(2)' as root" >&2; exit 1; fi; \
+	echo "$(2): installing$$missing"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing
+endef
+
+packaging-deps:
+	$(call install_missing,$(PKG_TOOLS),$@,python3.11-venv)
+
+system-test-deps:
+	$(call install_missing,$(SYSTEM_TEST_TOOLS),$@)
+
+# A clean copy of the source tree (no venv, caches or earlier builds): what the packages are
+# built from, and where setuptools may write its build/ and *.egg-info.
+$(PKG)/src.stamp: $(PKG_INPUTS) | packaging-deps
+	rm -rf $(PKG)/src && mkdir -p $(PKG)/src
+	tar -c --exclude=__pycache__ --exclude='*.egg-info' $(PKG_INPUTS) | tar -x -C $(PKG)/src
+	touch $@
+
+# The one step that uses the network (PyPI): every wheel, for both packages.
+$(PKG)/wheels.stamp: $(PKG)/src.stamp packaging/constraints.txt
+	packaging/wheelhouse.sh $(PKG)/src $(PKG)
+	touch $@
+
+$(DEB_FILE): $(PKG)/wheels.stamp
+	rm -rf $(PKG)/deb-$(DEB_REVISION) && mkdir -p $(PKG)/deb-$(DEB_REVISION) $(DIST)
+	cp -a $(PKG)/src $(PKG)/deb-$(DEB_REVISION)/authd-$(VERSION)
+	cp -a packaging/debian $(PKG)/deb-$(DEB_REVISION)/authd-$(VERSION)/debian
+	packaging/debian-changelog.sh $(VERSION)-$(DEB_REVISION) \
+	    > $(PKG)/deb-$(DEB_REVISION)/authd-$(VERSION)/debian/changelog
+	cd $(PKG)/deb-$(DEB_REVISION)/authd-$(VERSION) && \
+	    AUTHD_WHEELHOUSE=$(CURDIR)/$(PKG)/wheels dpkg-buildpackage -b -us -uc
+	lintian --fail-on error --info $(PKG)/deb-$(DEB_REVISION)/authd_$(VERSION)-$(DEB_REVISION)_$(DEB_ARCH).deb
+	cp $(PKG)/deb-$(DEB_REVISION)/authd_$(VERSION)-$(DEB_REVISION)_$(DEB_ARCH).deb $@
+
+$(RPM_FILE): $(PKG)/wheels.stamp
+	rm -rf $(PKG)/rpm && mkdir -p $(PKG)/rpm $(DIST)
+	rpmbuild -bb --nodeps --quiet \
+	    --define "_topdir $(CURDIR)/$(PKG)/rpm" --define "_sourcedir $(CURDIR)/$(PKG)/src" \
+	    --define "authd_version $(VERSION)" --define "authd_release $(RPM_RELEASE)" \
+	    --define "authd_wheelhouse $(CURDIR)/$(PKG)/wheels" packaging/rpm/authd.spec
+	rpmlint --rpmlintrc packaging/rpm/authd.rpmlintrc \
+	    $(PKG)/rpm/RPMS/$(RPM_ARCH)/authd-$(VERSION)-$(RPM_RELEASE).$(RPM_ARCH).rpm
+	cp $(PKG)/rpm/RPMS/$(RPM_ARCH)/authd-$(VERSION)-$(RPM_RELEASE).$(RPM_ARCH).rpm $@
+
+system-test: packages system-test-deps venv
+	AUTHD_DIST=$(CURDIR)/$(DIST) $(BIN)/pytest -m system tests/system
