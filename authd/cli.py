@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING
 
 import structlog
 
-from authd import __version__, audit, config, dev, snippets, systemd
+from authd import __version__, audit, config, dev, logs, snippets, systemd
 from authd.decision import Authorizer, Decision
 from authd.errors import ConfigError, Denied
 from authd.keys import KeyStore, SystemClock, make_http_client
@@ -44,6 +44,7 @@ commands:
   serve          run the daemon
   reload         validate the configuration, then make a running authd reload it
   check-config   validate the configuration, listing every problem
+  logs           show and follow the audit log (journald or audit_file)
   verify         explain what authd would answer for a token and a policy
   nginx-snippet  print the nginx snippets for this configuration
   dev            keys and tokens for local testing (keygen, mint)
@@ -132,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, help=_CONFIG_HELP)
     r.add_argument("--pid", type=int, required=True, help="the running authd (systemd: $MAINPID)")
     r.set_defaults(func=_reload)
+
+    lg = sub.add_parser("logs", help=logs.HELP, formatter_class=fmt, description=logs.DESCRIPTION)
+    logs.add_arguments(lg)
+    lg.set_defaults(func=lambda args, _env: logs.run(args))
 
     c = sub.add_parser(
         "check-config",

@@ -211,6 +211,26 @@ def test_the_audit_file_is_reopened_on_reload(drill, notify, make_token, tmp_pat
     assert audit.with_suffix(".log.1").read_text().count('"event": "decision"') == 1
     assert not stack.authd.audit_lines()  # decisions went to the file, not to stdout
 
+    # `authd logs` reads it: piped, the matching lines exactly as written.
+    shown = subprocess.run(
+        [str(authd_executable()), "logs", "--file", str(audit), "--decision", "deny"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert shown == audit.read_text()
+    text = subprocess.run(
+        [str(authd_executable()), "logs", "--file", str(audit), "--text", "--color", "never"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert "401" in text
+    assert "no_token" in text
+    assert "wiki" in text
+
 
 @pytest.mark.parametrize("workers", WORKERS)
 def test_the_watchdog_is_fed(drill, notify, workers):

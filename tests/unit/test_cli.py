@@ -193,6 +193,7 @@ def test_nginx_snippet_without_a_configuration_renders_the_defaults(capsys, monk
         [],
         ["serve"],
         ["reload"],
+        ["logs"],
         ["check-config"],
         ["verify"],
         ["nginx-snippet"],
