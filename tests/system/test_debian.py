@@ -217,11 +217,16 @@ def test_audit_lines_are_in_the_journal(configured):
 def test_authd_logs_shows_the_audit_stream(configured):
     c = configured
     assert get(c).status == 401
-    out = c.out("authd logs --json --decision deny --since '-10min'")
+    assert get_token(c, mint(c, "dave@example.com")).status == 200
+    out = c.out("authd logs --json --decision deny --since 10m")
     lines = [json.loads(line) for line in out.splitlines()]
     assert lines, "authd logs printed nothing"
     assert all(line["decision"] == "deny" for line in lines)
     assert any(line["reason"] == "no_token" for line in lines)
+    text = c.out("authd logs --text --user dave@example.com --since 10m")
+    assert "dave@example.com" in text
+    assert "allow" in text
+    assert "no_token" not in text
 
 
 def test_reload_with_a_bad_config_keeps_serving(configured):
