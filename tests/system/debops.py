@@ -34,11 +34,14 @@ server {
     listen 127.0.0.1:8081;
     location / {
         default_type text/plain;
-        return 200 "email=$http_x_authd_email user=$http_x_authd_user \\
-policy=$http_x_authd_policy cf=$http_cf_access_authenticated_user_email\\n";
+        return 200 "@ECHO@\\n";
     }
 }
-"""
+""".replace(
+    "@ECHO@",
+    "email=$http_x_authd_email user=$http_x_authd_user policy=$http_x_authd_policy "
+    "cf=$http_cf_access_authenticated_user_email",
+)
 
 # A key server for jwks_url tests: serves a file after a delay (seconds).
 KEY_SERVER = """\

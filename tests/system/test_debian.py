@@ -118,7 +118,11 @@ def configured(debian):
 
 def test_nginx_location_is_protected_through_socket_activation(configured):
     c = configured
+    started = time.monotonic()
     c.run("systemctl stop authd.service")
+    # SIGTERM: a clean, prompt stop (authd drains for at most 10 s), not a kill at 20 s.
+    assert time.monotonic() - started < 12
+    assert c.show("authd.service", "Result") == "success"
     assert c.out("systemctl is-active authd.service", check=False) == "inactive"
     assert c.out("systemctl is-active authd.socket") == "active"
 
@@ -264,6 +268,18 @@ def test_reload_with_a_bad_config_keeps_serving(configured):
         write_config(c, config())
         c.run("systemctl reload authd.service")
         c.wait_until("the old policy", lambda: get_token(c, mint(c)).status == 200)
+
+
+def test_the_watchdog_is_fed(configured):
+    c = configured
+    assert c.show("authd.service", "WatchdogUSec") == "30s"
+    first = int(c.show("authd.service", "WatchdogTimestampMonotonic"))
+    # authd pings every WatchdogSec/2 = 15 s.
+    c.wait_until(
+        "a WATCHDOG=1 ping",
+        lambda: int(c.show("authd.service", "WatchdogTimestampMonotonic")) > first,
+        timeout=20,
+    )
 
 
 def test_a_killed_authd_is_restarted(configured):
