@@ -164,3 +164,72 @@ def exposure(c: Container, unit: str = "authd.service") -> float:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
     assert match, f"no score in systemd-analyze's output:\n{out}"
     return float(match.group(1))
+
+
+# An HTTPS key server (certificate from a test CA) and a CONNECT proxy that logs each
+# tunnel and sends it to that server whatever the host: a key endpoint "on the internet"
+# behind a corporate proxy, inside a container without a network.
+TLS_KEY_SERVER = """\
+import http.server, pathlib, ssl, sys
+port, cert, key, path = int(sys.argv[1]), sys.argv[2], sys.argv[3], pathlib.Path(sys.argv[4])
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+
+CONNECT_PROXY = """\
+import socket, socketserver, sys, threading
+port, upstream, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+def pipe(a, b):
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        b.close()
+
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        request = self.rfile.readline().decode()
+        while self.rfile.readline() not in (b"\\r\\n", b""):
+            pass
+        with open(log, "a") as f:
+            f.write(request)
+        upstream_socket = socket.create_connection(("127.0.0.1", upstream))
+        self.wfile.write(b"HTTP/1.1 200 Connection established\\r\\n\\r\\n")
+        threading.Thread(target=pipe, args=(upstream_socket, self.connection)).start()
+        pipe(self.connection, upstream_socket)
+
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def make_test_ca(c: Container, host: str) -> None:
+    """A CA in the container's system store, and a server certificate for host from it."""
+    c.run(
+        "set -e; mkdir -p /root/tls && cd /root/tls; "
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj '/CN=authd test CA' "
+        "-keyout ca.key -out ca.crt 2>/dev/null; "
+        f"openssl req -newkey rsa:2048 -nodes -subj '/CN={host}' -keyout server.key "
+        "-out server.csr 2>/dev/null; "
+        f"printf 'subjectAltName=DNS:{host}\\n' > san.ext; "
+        "openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 "
+        "-extfile san.ext -out server.crt 2>/dev/null; "
+        "cp ca.crt /usr/local/share/ca-certificates/authd-test-ca.crt; "
+        "update-ca-certificates >/dev/null"
+    )

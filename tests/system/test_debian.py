@@ -9,8 +9,10 @@ import time
 
 import pytest
 from debops import (
+    CONNECT_PROXY,
     KEY_SERVER,
     KEYS,
+    TLS_KEY_SERVER,
     authd_socket_get,
     config,
     exposure,
@@ -20,6 +22,7 @@ from debops import (
     journal_cursor,
     journal_events,
     main_pid,
+    make_test_ca,
     mint,
     setup_operator,
     write_config,
@@ -195,6 +198,33 @@ def test_a_hung_key_endpoint_does_not_time_the_start_out(configured):
     finally:
         write_config(c, config())
         c.run("systemctl stop hung-keys.service")
+        restart(c)
+
+
+def test_keys_over_https_through_the_proxy_with_the_system_ca_store(configured):
+    """HTTPS_PROXY from /etc/default/authd, and a CA that only the system store trusts."""
+    c = configured
+    host = "keys.example.test"  # resolvable by nobody: only the proxy can reach it
+    make_test_ca(c, host)
+    c.write("/root/tls-keyserver.py", TLS_KEY_SERVER)
+    c.write("/root/proxy.py", CONNECT_PROXY)
+    c.run(
+        "systemd-run --unit=tls-keys python3.11 /root/tls-keyserver.py 8443 "
+        f"/root/tls/server.crt /root/tls/server.key {KEYS}/jwks.json && "
+        "systemd-run --unit=proxy python3.11 /root/proxy.py 3128 8443 /root/proxy.log"
+    )
+    default = c.path("/etc/default/authd").read_text()
+    c.write("/etc/default/authd", default + "HTTPS_PROXY=http://127.0.0.1:3128\n")
+    write_config(c, config(jwks=f'jwks_url = "https://{host}/certs"'))
+    try:
+        restart(c)
+        assert c.show("authd.service", "StatusText") == "ready: keys loaded for 1 issuer(s)"
+        assert f"CONNECT {host}:443" in c.out("cat /root/proxy.log")
+        assert get_token(c, mint(c)).status == 200
+    finally:
+        c.write("/etc/default/authd", default)
+        write_config(c, config())
+        c.run("systemctl stop proxy.service tls-keys.service")
         restart(c)
 
 
