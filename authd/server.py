@@ -5,9 +5,10 @@ that process becomes a small supervisor: it forks the workers, which share the l
 socket (the kernel spreads connections among them), and it alone talks to systemd.
 
 - READY=1 once every worker has served its first key fetches (success or not).
-- SIGHUP: the supervisor validates the configuration file first; a bad one is logged and
-  no worker hears of it. A good one is forwarded to every worker, each of which reloads
-  in place (keys kept, no restart, no dropped connection) and reports back.
+- SIGHUP is forwarded to every worker, each of which validates the configuration file and
+  either reloads in place (keys kept, no restart, no dropped connection) or logs every
+  problem and keeps serving what it has; either way it reopens the audit file and reports
+  back. (`authd reload` validates before it signals at all.)
   uvicorn's own supervisor would restart every worker on SIGHUP unchecked: not used.
 - SIGTERM/SIGINT: STOPPING=1, every worker drains its requests (``DRAIN_SECONDS``) and
   exits; idle keepalive connections are closed at once.
@@ -368,24 +369,23 @@ class Supervisor:
         return None
 
     def _reload(self) -> None:
+        """Forward SIGHUP to every worker, also when the file is broken: each worker checks
+        it, says what is wrong (``reload_failed``) and keeps its configuration, but reopens
+        ``audit_file`` all the same (logrotate must work with a broken configuration)."""
         from authd import config as config_mod  # noqa: PLC0415
         from authd.errors import ConfigError  # noqa: PLC0415
 
         if self.path is None or self.stopping:
             return
-        try:
-            new = config_mod.load(self.path)
-        except ConfigError as ex:
-            log.error("reload_failed", path=str(self.path), problems=ex.problems)  # noqa: TRY400 -- the problems are the message
-            return
-        # Workers started from now on serve the new configuration too; the settings of
-        # the process stay as they are until a restart (each worker says so).
-        self.cfg = dataclasses.replace(
-            new,
-            listen=self.cfg.listen,
-            workers=self.cfg.workers,
-            audit_file=self.cfg.audit_file,
-        )
+        with contextlib.suppress(ConfigError):
+            # Workers started from now on serve the new configuration too; the settings of
+            # the process stay as they are until a restart (each worker says so).
+            self.cfg = dataclasses.replace(
+                config_mod.load(self.path),
+                listen=self.cfg.listen,
+                workers=self.cfg.workers,
+                audit_file=self.cfg.audit_file,
+            )
         self.notifier.reloading()
         # Every worker, also one still starting: it reloads once it has started.
         self.pending_reload = set(self.workers)
