@@ -102,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
             signals:
               SIGHUP    reload: validate the configuration file; if it is valid, switch
                         every worker to it (keys kept and refreshed, no connection
-                        dropped) and reopen audit_file; if not, log every problem
-                        (event "reload_failed") and keep serving the old one
+                        dropped); if not, log every problem (event "reload_failed")
+                        and keep serving the old one. Reopens audit_file either way.
+              SIGUSR1   reopen audit_file (logrotate), nothing else
               SIGTERM   stop: finish requests in flight (at most 10 s), close idle
               SIGINT    keepalive connections at once, exit
 
@@ -128,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
             is not, print every problem and signal nothing: the running authd keeps its
             configuration. The unit's ExecReload runs this, so 'systemctl reload authd'
             fails, with the problems in the journal, when the new file is broken."""),
-        epilog="exit status: 0 signalled, 1 no such process, 2 invalid configuration.",
+        epilog="exit status: 0 signalled, 1 no such process (or not allowed), 2 invalid "
+        "configuration.",
     )
     r.add_argument("--config", type=Path, help=_CONFIG_HELP)
     r.add_argument("--pid", type=int, required=True, help="the running authd (systemd: $MAINPID)")
@@ -277,9 +279,16 @@ def _config_path(args: argparse.Namespace, env: Mapping[str, str]) -> Path:
 
 
 def _load(args: argparse.Namespace, env: Mapping[str, str], out: IO[str]) -> Config | None:
-    path = _config_path(args, env)
+    read = _read(args, env, out)
+    return None if read is None else read[0]
+
+
+def _read(
+    args: argparse.Namespace, env: Mapping[str, str], out: IO[str]
+) -> tuple[Config, bytes] | None:
+    """The configuration and the bytes it was parsed from; problems are printed to ``out``."""
     try:
-        return config.load(path)
+        return config.read(_config_path(args, env))
     except ConfigError as ex:
         for problem in ex.problems:
             print(problem, file=out)
@@ -422,9 +431,10 @@ def _print_explanation(report: dict[str, object]) -> None:
 
 def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     path = _config_path(args, env)
-    cfg = _load(args, env, sys.stderr)
-    if cfg is None:
+    read = _read(args, env, sys.stderr)
+    if read is None:
         return EXIT_CONFIG
+    cfg, source = read
     audit.configure()
     for warning in cfg.warnings():
         log.warning("config_warning", problem=warning)
@@ -435,7 +445,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return EXIT_CONFIG
     from authd import server  # noqa: PLC0415 -- only `serve` needs the server
 
-    return server.run(cfg, path, sock)
+    return server.run(cfg, path, source, sock)
 
 
 def _reload(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -446,6 +456,11 @@ def _reload(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         os.kill(args.pid, signal.SIGHUP)
     except ProcessLookupError:
         print(f"no process {args.pid}", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(
+            f"not allowed to signal process {args.pid} (run as root or its user)", file=sys.stderr
+        )
         return 1
     return 0
 

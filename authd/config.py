@@ -159,17 +159,24 @@ class Config:
 
 def load(path: Path) -> Config:
     """Read and parse a TOML file; every problem is reported in one :class:`ConfigError`."""
+    return read(path)[0]
+
+
+def read(path: Path) -> tuple[Config, bytes]:
+    """Like :func:`load`, and the bytes that were read: what a snapshot of it must hold."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
     except OSError as ex:
         raise ConfigError([f"{path}: cannot read: {ex.strerror}"]) from ex
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as ex:
         raise ConfigError([f"{path}: not UTF-8: {ex.reason} at byte {ex.start}"]) from ex
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as ex:
         raise ConfigError([f"{path}: invalid TOML: {ex}"]) from ex
-    return parse(raw)
+    return parse(raw), data
 
 
 def parse(raw: Mapping[str, object]) -> Config:

@@ -51,14 +51,33 @@ log = structlog.get_logger("authd.server")
 
 DRAIN_SECONDS = 10
 HEARTBEAT_SECONDS = 2.0
-# A worker that has not reported for this long is stuck: the supervisor replaces it.
+# A started worker that has not reported for this long is stuck: the supervisor replaces it.
+# Under a systemd watchdog, a third of its interval, so that one stuck worker is replaced
+# before the watchdog (fed only while every started worker reports) takes the service down.
 STUCK_SECONDS = 30.0
+# A worker that has not finished starting (its first key fetches) by then is replaced.
+STARTUP_SECONDS = 120.0
+# Signals a worker must not die of in the moment between fork() and its own handlers.
+_DEFERRED_SIGNALS = {signal.SIGHUP, signal.SIGUSR1}
 # More deaths than this within RESPAWN_WINDOW means something is badly wrong: give up
 # and let systemd's restart policy (and its start limit) take over.
 MAX_RESPAWNS = 5
 RESPAWN_WINDOW = 30.0
-_MESSAGE_MAX = 512
+# A message is written with one write(): below PIPE_BUF (4096), writes never interleave.
+_MESSAGE_MAX = 1024
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def message(event: str, pid: int, status: str = "", **fields: object) -> bytes:
+    """One line for the supervisor, cut to ``_MESSAGE_MAX`` by shortening its status."""
+    body: dict[str, object] = {"event": event, "pid": pid, **fields}
+    if status:
+        body["status"] = status
+    data = json.dumps(body).encode() + b"\n"
+    if len(data) > _MESSAGE_MAX:
+        body["status"] = status[: max(0, len(status) - (len(data) - _MESSAGE_MAX) - 3)] + "..."
+        data = json.dumps(body).encode() + b"\n"
+    return data
 
 
 class Reporter(Protocol):
@@ -84,7 +103,7 @@ class SystemdReporter:
         self.notifier.reloading()
 
     def reloaded(self, ok: bool, status: str) -> None:
-        self.notifier.ready(status if ok else f"reload failed, still serving: {status}")
+        self.notifier.ready(status if ok else f"reload failed, still serving as before; {status}")
 
     def heartbeat(self) -> None:
         self.notifier.watchdog()
@@ -99,9 +118,8 @@ class PipeReporter:
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
-    def _send(self, event: str, **fields: object) -> None:
-        line = json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n"
-        data = line.encode()[:_MESSAGE_MAX]
+    def _send(self, event: str, status: str = "", **fields: object) -> None:
+        data = message(event, os.getpid(), status, **fields)
         try:
             os.write(self.fd, data)
         except BrokenPipeError:
@@ -151,10 +169,13 @@ def serve(
     # once the service runs.
     early: list[int] = []
     signal.signal(signal.SIGHUP, lambda sig, _frame: early.append(sig))
+    signal.signal(signal.SIGUSR1, lambda _sig, _frame: _reopen(audit_file))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED_SIGNALS)  # blocked across a fork
 
     async def started() -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(tasks, _reload(service, reporter)))
+        loop.add_signal_handler(signal.SIGUSR1, _reopen, audit_file)
         _spawn(tasks, _heartbeats(service, reporter))
         reporter.started(service.status())
         if early:
@@ -217,8 +238,19 @@ def _spawn(tasks: set[asyncio.Task[None]], coro: Any) -> None:  # noqa: ANN401 -
 async def _reload(service: Service, reporter: Reporter) -> None:
     reporter.reloading()
     log.info("reload_requested", pid=os.getpid())
-    ok = await service.reload()
-    reporter.reloaded(ok, service.status())
+    ok = False
+    try:
+        ok = await service.reload()
+    except Exception:
+        log.exception("reload_failed", pid=os.getpid())
+    finally:
+        reporter.reloaded(ok, service.status())
+
+
+def _reopen(audit_file: audit.AuditFile | None) -> None:
+    """SIGUSR1: reopen the audit file (logrotate), nothing else."""
+    if audit_file is not None:
+        audit_file.reopen()
 
 
 async def _heartbeats(service: Service, reporter: Reporter) -> None:
@@ -236,15 +268,33 @@ async def _heartbeats(service: Service, reporter: Reporter) -> None:
 
 
 class Supervisor:
-    """Forks ``workers`` serving processes and speaks for them to systemd."""
+    """Forks ``workers`` serving processes and speaks for them to systemd.
 
-    def __init__(self, cfg: Config, path: Path | None, sock: socket.socket) -> None:
+    Workers never read the operator's file: the supervisor reads and validates it, and
+    hands the workers a private snapshot of exactly those bytes (``snapshot``), so that a
+    file edited while a reload runs cannot leave workers on different configurations, and
+    a worker started later serves what its siblings serve.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        path: Path,
+        source: bytes,
+        sock: socket.socket,
+        directory: Path,
+    ) -> None:
         self.cfg = cfg  # what a new worker starts with: updated by every valid reload
         self.size = cfg.workers
         self.path = path
+        self.snapshot = directory / "authd.toml"
+        self._write_snapshot(source)
         self.sock = sock
         self.notifier = Notifier()
+        watchdog = self.notifier.watchdog_seconds
+        self.stuck_seconds = min(STUCK_SECONDS, watchdog / 3) if watchdog else STUCK_SECONDS
         self.workers: dict[int, float] = {}  # pid -> monotonic time of its last message
+        self.spawned: dict[int, float] = {}  # pid -> monotonic time of its fork
         self.started: set[int] = set()
         self.pending_reload: set[int] = set()
         self.reload_ok = True
@@ -256,6 +306,11 @@ class Supervisor:
         self.ready_sent = False
         self.read_fd, self.write_fd = os.pipe()
 
+    def _write_snapshot(self, data: bytes) -> None:
+        new = self.snapshot.with_suffix(".new")
+        new.write_bytes(data)
+        new.replace(self.snapshot)  # atomic: a worker reads the old bytes or the new
+
     def run(self) -> int:
         selector = selectors.DefaultSelector()
         wake_r, wake_w = os.pipe()
@@ -264,7 +319,7 @@ class Supervisor:
         selector.register(self.read_fd, selectors.EVENT_READ)
         selector.register(wake_r, selectors.EVENT_READ)
         signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         log.info("supervisor_started", workers=self.size, pid=os.getpid())
         for _ in range(self.size):
@@ -297,22 +352,26 @@ class Supervisor:
         self.signals.append(sig)
 
     def _spawn_worker(self, wake_r: int) -> None:
+        # Blocked until the worker has its own handlers (see `serve`): a reload signal in
+        # between must not kill it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
             try:
                 signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 os.close(self.read_fd)
                 os.close(wake_r)
-                serve(self.cfg, self.path, self.sock, PipeReporter(self.write_fd))
+                serve(self.cfg, self.snapshot, self.sock, PipeReporter(self.write_fd))
             except BaseException:
                 log.exception("worker_failed")
                 code = 1
             finally:
                 os._exit(code)
-        self.workers[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED_SIGNALS)
+        self.workers[pid] = self.spawned[pid] = time.monotonic()
         log.info("worker_started", pid=pid)
 
     def _read_messages(self, buffer: bytes) -> bytes:
@@ -320,8 +379,10 @@ class Supervisor:
             buffer += os.read(self.read_fd, 65536)
         *lines, rest = buffer.split(b"\n")
         for line in lines:
-            with contextlib.suppress(ValueError):
+            try:
                 self._on_message(json.loads(line))
+            except (ValueError, AttributeError):
+                log.warning("worker_message_unreadable", length=len(line))
         return rest
 
     def _on_message(self, message: dict[str, Any]) -> None:
@@ -344,10 +405,15 @@ class Supervisor:
 
     def _reload_done(self, pid: int) -> None:
         """One worker has reloaded (or died); the last one ends the reload for systemd."""
-        if pid in self.pending_reload:
-            self.pending_reload.discard(pid)
-            if not self.pending_reload:
-                self.notifier.ready(self._status())
+        if pid not in self.pending_reload:
+            return
+        self.pending_reload.discard(pid)
+        if self.pending_reload or self.stopping:
+            return
+        if not self.reload_ok:
+            log.error("reload_incomplete", detail="a worker could not apply the configuration")
+            self.status = f"reload failed in a worker, see the log; {self.status}"
+        self.notifier.ready(self._status())
 
     def _status(self) -> str:
         return f"{len(self.workers)} workers; {self.status}"
@@ -360,6 +426,8 @@ class Supervisor:
                     return 1
             elif sig == signal.SIGHUP:
                 self._reload()
+            elif sig == signal.SIGUSR1:
+                self._signal_workers(signal.SIGUSR1)  # reopen the audit file
             elif not self.stopping:  # SIGTERM, SIGINT
                 self.stopping = True
                 self.stop_deadline = time.monotonic() + DRAIN_SECONDS + 5
@@ -369,23 +437,28 @@ class Supervisor:
         return None
 
     def _reload(self) -> None:
-        """Forward SIGHUP to every worker, also when the file is broken: each worker checks
-        it, says what is wrong (``reload_failed``) and keeps its configuration, but reopens
-        ``audit_file`` all the same (logrotate must work with a broken configuration)."""
+        """Validate the file; if valid, snapshot it and have every worker switch to it.
+
+        A broken file changes nothing (``reload_failed``), but the workers still reopen the
+        audit file: logrotate must keep working while the configuration is broken.
+        """
         from authd import config as config_mod  # noqa: PLC0415
         from authd.errors import ConfigError  # noqa: PLC0415
 
-        if self.path is None or self.stopping:
+        if self.stopping:
             return
-        with contextlib.suppress(ConfigError):
-            # Workers started from now on serve the new configuration too; the settings of
-            # the process stay as they are until a restart (each worker says so).
-            self.cfg = dataclasses.replace(
-                config_mod.load(self.path),
-                listen=self.cfg.listen,
-                workers=self.cfg.workers,
-                audit_file=self.cfg.audit_file,
-            )
+        try:
+            new, data = config_mod.read(self.path)
+        except ConfigError as ex:
+            log.error("reload_failed", path=str(self.path), problems=ex.problems)  # noqa: TRY400 -- the problems are the message
+            self.notifier.status(f"reload failed, still serving as before; {self.status}")
+            self._signal_workers(signal.SIGUSR1)
+            return
+        self._write_snapshot(data)
+        # The settings of the process stay as they are until a restart (workers say so).
+        self.cfg = dataclasses.replace(
+            new, listen=self.cfg.listen, workers=self.cfg.workers, audit_file=self.cfg.audit_file
+        )
         self.notifier.reloading()
         # Every worker, also one still starting: it reloads once it has started.
         self.pending_reload = set(self.workers)
@@ -409,6 +482,7 @@ class Supervisor:
                 return None
             if self.workers.pop(pid, None) is None:
                 continue
+            self.spawned.pop(pid, None)
             self.started.discard(pid)
             self._reload_done(pid)
             metrics.worker_exited(pid)
@@ -426,16 +500,24 @@ class Supervisor:
             self._spawn_worker(wake_r)
 
     def _kill_stuck(self, now: float) -> None:
+        if self.stopping:
+            return
         for pid, seen in list(self.workers.items()):
-            if pid in self.started and not self.stopping and now - seen > STUCK_SECONDS:
+            if pid in self.started:
+                stuck = now - seen > self.stuck_seconds
+            else:
+                stuck = now - self.spawned[pid] > STARTUP_SECONDS
+            if stuck:
                 log.error("worker_stuck", pid=pid, silent_s=round(now - seen, 1))
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                self.workers[pid] = now  # reaped (and replaced) through SIGCHLD
+                self.workers[pid] = self.spawned[pid] = now  # reaped and replaced via SIGCHLD
 
     def _all_reporting(self, now: float) -> bool:
-        return len(self.workers) == self.size and all(
-            now - seen < HEARTBEAT_SECONDS * 3 for seen in self.workers.values()
+        """Every worker that has started reports in (one still starting does not count:
+        its first key fetch may take up to its timeout, and it is watched by STARTUP_SECONDS)."""
+        return bool(self.started) and all(
+            now - self.workers[pid] < HEARTBEAT_SECONDS * 3 for pid in self.started
         )
 
 
@@ -445,8 +527,11 @@ def _describe(status: int) -> str:
     return f"exit {os.waitstatus_to_exitcode(status)}"
 
 
-def run(cfg: Config, path: Path | None, sock: socket.socket) -> int:
-    """Serve until stopped; the exit code for the command line."""
+def run(cfg: Config, path: Path, source: bytes, sock: socket.socket) -> int:
+    """Serve until stopped; the exit code for the command line.
+
+    ``source`` is the bytes ``cfg`` was parsed from (the workers' snapshot).
+    """
     log.info(
         "starting",
         version=__version__,
@@ -458,10 +543,12 @@ def run(cfg: Config, path: Path | None, sock: socket.socket) -> int:
         serve(cfg, path, sock, SystemdReporter(Notifier()))
         return 0
     # Before anything imports prometheus_client: its mode is fixed at import (authd.metrics).
-    directory = Path(tempfile.mkdtemp(prefix="authd-metrics-"))
-    os.environ[METRICS_DIR_ENV] = str(directory)
+    directory = Path(tempfile.mkdtemp(prefix="authd-"))
+    metrics_dir = directory / "metrics"
+    metrics_dir.mkdir()
+    os.environ[METRICS_DIR_ENV] = str(metrics_dir)
     try:
-        return Supervisor(cfg, path, sock).run()
+        return Supervisor(cfg, path, source, sock, directory).run()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

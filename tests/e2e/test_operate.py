@@ -7,6 +7,7 @@ the service manager. The packaged units under a real systemd are tested in tests
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -50,6 +51,22 @@ def authd_reload(config: Path, pid: int) -> subprocess.CompletedProcess[str]:
     """`authd reload`, as the unit's ExecReload runs it."""
     argv = [str(authd_executable()), "reload", "--config", str(config), "--pid", str(pid)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
+def every_worker_answers(stack, policy: str, token: str, status: int, *, tries: int = 400) -> None:
+    """Ask authd directly, a fresh connection each time (nginx would reuse one, so one worker),
+    until every worker has answered; every answer must be `status`."""
+    workers = set(stack.authd.worker_pids()) or {stack.authd.pid}
+    answered: set[int] = set()
+    for n in range(tries):
+        request_id = f"every-worker-{policy}-{status}-{n}-{time.monotonic_ns()}"
+        headers = {"Cf-Access-Jwt-Assertion": token, "X-Request-ID": request_id}
+        assert http_request(stack.authd.listen, f"/auth/{policy}", headers=headers).status == status
+        (line,) = stack.authd.wait_for_audit(lambda e, r=request_id: e.get("request_id") == r)
+        answered.add(line["pid"])
+        if answered == workers:
+            return
+    pytest.fail(f"only workers {sorted(answered)} of {sorted(workers)} answered in {tries} tries")
 
 
 @pytest.mark.parametrize("workers", WORKERS)
@@ -103,11 +120,10 @@ def test_reload_switches_every_worker_to_a_valid_configuration(drill, notify, ma
     notify.wait_for("READY", after=before)
     wait_for(lambda: stack.authd.count("reloaded") == workers, what="every worker to reload")
     # Many requests, so that every worker answers some: all of them use the new policy.
-    for _ in range(20):
-        assert (
-            visit("/ops/", token=make_token(email="carol@example.com", aud=OPS_AUD)).status == 200
-        )
-        assert visit("/ops/", token=make_token(aud=OPS_AUD)).status == 403
+    # Every worker, not just the one nginx's keepalive connection happens to reach.
+    every_worker_answers(stack, "ops", make_token(email="carol@example.com", aud=OPS_AUD), 200)
+    every_worker_answers(stack, "ops", make_token(aud=OPS_AUD), 403)
+    assert visit("/ops/", token=make_token(email="carol@example.com", aud=OPS_AUD)).status == 200
     assert stack.authd.count("keys_fetched") >= 2 * workers  # the reload refreshed the keys
 
 
@@ -130,9 +146,8 @@ def test_a_broken_configuration_is_refused_and_the_old_one_keeps_serving(
     os.kill(stack.authd.pid, signal.SIGHUP)
     failed = stack.authd.wait_for_event("reload_failed")
     assert "policies.broken.surprise: unknown key" in failed["problems"]
-    for _ in range(20):
-        assert visit("/wiki/", token=make_token()).status == 200
-        assert visit("/wiki/").status == 401
+    every_worker_answers(stack, "wiki", make_token(), 200)
+    assert visit("/wiki/").status == 401
     assert stack.authd.count("reloaded") == 0
     assert stack.authd.running()
 
@@ -189,27 +204,45 @@ def test_metrics_add_up_over_every_worker(drill, notify, make_token):
     assert visit("/_authd", audited=False).status == 404
 
 
-def test_the_audit_file_is_reopened_on_reload(drill, notify, make_token, tmp_path):
+def test_the_audit_file_is_reopened_by_every_worker(drill, notify, tmp_path):
+    """logrotate renames the file, then signals authd: a valid reload (SIGHUP), SIGUSR1,
+    or a SIGHUP while the configuration is broken; each time every worker moves on to the
+    new file."""
     audit = tmp_path / "log" / "audit.log"
     audit.parent.mkdir()
     visit = drill(activated=True, env=notify.env, workers=2, audit_file=audit)
     stack = visit.stack
     notify.wait_for("READY")
-    assert visit("/wiki/", token=make_token(), audited=False).status == 200
-    wait_for(
-        lambda: audit.exists() and audit.read_text().count('"event": "decision"') == 1,
-        what="a line",
-    )
+    workers = set(stack.authd.worker_pids())
 
-    audit.rename(audit.with_suffix(".log.1"))  # what logrotate does
+    def every_worker_writes_to_the_new_file() -> None:
+        def pids() -> set[int]:
+            http_request(stack.authd.listen, "/auth/wiki")  # a fresh connection: any worker
+            lines = audit.read_text().splitlines() if audit.exists() else []
+            return {json.loads(line)["pid"] for line in lines}
+
+        wait_for(lambda: pids() == workers, what="every worker to write to the new file")
+
+    every_worker_writes_to_the_new_file()
+
+    audit.rename(audit.with_suffix(".log.1"))
     assert authd_reload(stack.config, stack.authd.pid).returncode == 0
-    wait_for(lambda: stack.authd.count("reloaded") == 2, what="both workers to reload")
-    assert visit("/wiki/", audited=False).status == 401
+    every_worker_writes_to_the_new_file()
 
-    line = wait_for(lambda: audit.exists() and audit.read_text(), what="the new file")
-    assert '"reason": "no_token"' in line
-    assert audit.with_suffix(".log.1").read_text().count('"event": "decision"') == 1
+    audit.rename(audit.with_suffix(".log.2"))
+    os.kill(stack.authd.pid, signal.SIGUSR1)
+    every_worker_writes_to_the_new_file()
+
+    audit.rename(audit.with_suffix(".log.3"))
+    stack.config.write_text(stack.config.read_text() + "surprise = 1\n")
+    os.kill(stack.authd.pid, signal.SIGHUP)
+    stack.authd.wait_for_event("reload_failed")
+    every_worker_writes_to_the_new_file()
+
+    rotated = [audit.with_suffix(f".log.{n}").read_text() for n in (1, 2, 3)]
+    assert all(text.count('"event": "decision"') >= 2 for text in rotated)
     assert not stack.authd.audit_lines()  # decisions went to the file, not to stdout
+    assert visit("/wiki/", audited=False).status == 401
 
     # `authd logs` reads it: piped, the matching lines exactly as written.
     shown = subprocess.run(
@@ -282,10 +315,8 @@ def test_a_worker_started_after_a_reload_serves_the_new_configuration(drill, not
     wait_for(lambda: stack.authd.count("worker_died") == 1, what="the supervisor to notice")
     wait_for(lambda: len(stack.authd.worker_pids()) == 2, what="a new worker")
     wait_for(lambda: stack.authd.count("started") == 3, what="the new worker to serve")
-    for _ in range(20):
-        carol = make_token(email="carol@example.com", aud=OPS_AUD)
-        assert visit("/ops/", token=carol).status == 200
-        assert visit("/ops/", token=make_token(aud=OPS_AUD)).status == 403
+    every_worker_answers(stack, "ops", make_token(email="carol@example.com", aud=OPS_AUD), 200)
+    every_worker_answers(stack, "ops", make_token(aud=OPS_AUD), 403)
 
 
 def test_a_reload_during_startup_is_not_fatal_and_is_carried_out(
