@@ -8,6 +8,7 @@ request it answered. No token ever reaches a log line: only its short fingerprin
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -93,7 +94,13 @@ class AuditFile:
 
     def reopen(self) -> None:
         """Open the path anew (a new file after a rotation); on failure keep the old one."""
-        new = self._open()
+        try:
+            new = self._open()
+        except OSError as ex:
+            structlog.get_logger("authd.audit").error(
+                "audit_file_reopen_failed", path=str(self.path), error=str(ex)
+            )
+            return
         old, self._file = self._file, new
         old.close()
 
@@ -106,6 +113,7 @@ class Auditor:
 
     def __init__(self, file: AuditFile | None = None) -> None:
         self.file = file
+        self.pid = os.getpid()  # which worker decided (created in the serving process)
         if file is None:
             self._log = structlog.get_logger("authd.audit")
         else:
@@ -137,6 +145,7 @@ class Auditor:
             "client_ip": facts.client_ip,
             "request_id": facts.request_id,
             "duration_ms": round(duration_ms, 3),
+            "pid": self.pid,
         }
         if d.detail:
             fields["detail"] = d.detail

@@ -352,6 +352,13 @@ class IssuerKeys:
     def name(self) -> str:
         return self.config.name
 
+    def reconfigure(self, config: IssuerConfig, source: KeySource) -> None:
+        """New settings for the same issuer and key source: the loaded keys stay."""
+        self.config, self.source = config, source
+        self._next_interval = min(self._next_interval, config.refresh_seconds)
+        if self._loaded:
+            self._usable_until = self._fetched_at + self._next_interval + config.max_stale_seconds
+
     def usable(self) -> bool:
         return self._loaded and self.clock.monotonic() <= self._usable_until
 
@@ -506,9 +513,11 @@ class KeyStore:
 
         def keys_for(c: IssuerConfig) -> IssuerKeys:
             old = reuse.get(c.issuer) if reuse is not None else None
-            if old is not None and old.config == c:
-                return old
-            return IssuerKeys(c, source(c), clock, on_fetch)
+            if old is None or old.config.key_source != c.key_source:
+                return IssuerKeys(c, source(c), clock, on_fetch)
+            if old.config != c:  # same keys, other settings (timeouts, algorithms, ...)
+                old.reconfigure(c, source(c))
+            return old
 
         return cls({c.issuer: keys_for(c) for c in configs})
 

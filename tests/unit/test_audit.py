@@ -1,6 +1,7 @@
 import io
 import json
 import logging
+import os
 import re
 import sys
 
@@ -61,8 +62,10 @@ def test_decision_lines_are_json_with_rfc3339_utc_timestamps():
         "request_id",
         "duration_ms",
         "detail",
+        "pid",
     }
     assert set(line) == expected_keys
+    assert line["pid"] == os.getpid()
 
 
 class Flushes(io.StringIO):

@@ -183,3 +183,44 @@ async def test_the_audit_file_is_reopened_on_reload(tmp_path, store, clock, forg
     (old,) = (tmp_path / "audit.log.1").read_text().splitlines()
     (new,) = log_path.read_text().splitlines()
     assert json.loads(old)["reason"] == json.loads(new)["reason"] == "unknown_policy"
+
+
+async def test_a_reload_keeps_the_keys_when_only_other_issuer_settings_change(
+    service, path, forge, source, issuer_keys
+):
+    source.error = "connection refused"  # the endpoint is down: the keys must not be lost
+    text = path.read_text().replace(
+        f'jwks_url = "{JWKS_URL}"', f'jwks_url = "{JWKS_URL}"\nrefresh_seconds = 600'
+    )
+    path.write_text(text)
+
+    assert await service.reload() is True
+
+    keys = service.current.keys.get(ISSUER)
+    assert keys is issuer_keys
+    assert keys.config.refresh_seconds == 600
+    assert (await decide(service, forge.valid())).status == 200
+
+
+async def test_another_key_source_is_a_new_key_set(service, path, issuer_keys):
+    # Loopback, where nothing listens: the new key set's first fetch fails at once.
+    path.write_text(path.read_text().replace(JWKS_URL, "http://127.0.0.1:9/certs"))
+    assert await service.reload() is True
+    assert service.current.keys.get(ISSUER) is not issuer_keys
+
+
+def test_an_audit_file_that_cannot_be_reopened_keeps_the_open_one(tmp_path):
+    directory = tmp_path / "log"
+    directory.mkdir()
+    audit_file = AuditFile(directory / "audit.log")
+    (directory / "audit.log").rename(tmp_path / "audit.log.1")
+    directory.rmdir()  # logrotate's olddir mistake, a full disk, ...
+
+    with capture_logs() as logs:
+        audit_file.reopen()
+
+    audit_file.write("still written\n")
+    audit_file.close()
+    assert (tmp_path / "audit.log.1").read_text() == "still written\n"
+    (failed,) = logs
+    assert failed["event"] == "audit_file_reopen_failed"
