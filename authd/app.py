@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import falcon
@@ -44,12 +44,44 @@ class AuthSink:
         if "/" in policy:
             policy = ""
         sources = gen.config.token_sources
-        decision = await gen.authorizer.decide(policy, lambda: extract_token(sources, req))
+        headers = EveryValue(req.scope["headers"])
+        decision = await gen.authorizer.decide(policy, lambda: extract_token(sources, headers))
         render(decision, resp)
         seconds = time.perf_counter() - started
         metrics.observe(decision, policy in gen.authorizer.plans, seconds)
         facts = RequestFacts.from_request(req, req.method)
         self.auditor.decision(decision, facts, seconds * 1000)
+
+
+class Request(falcon.asgi.Request):
+    """Falcon's request, with the ASGI headers kept as a list of pairs.
+
+    ASGI allows ``scope["headers"]`` to be a one-shot iterable (Falcon's test client makes
+    it one); token extraction reads it a second time, through :class:`EveryValue`.
+    """
+
+    def __init__(self, scope: dict[str, Any], *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 -- Falcon's signature
+        scope = {**scope, "headers": [(bytes(n), bytes(v)) for n, v in scope["headers"]]}
+        super().__init__(scope, *args, **kwargs)
+
+
+class EveryValue:
+    """The request's headers for token extraction: every repeat of a header, joined by ",".
+
+    Falcon keeps only the last of repeated ``Cookie`` headers (a "singleton" header for it),
+    so a second ``Cookie`` line would hide the first one's token instead of making the
+    request ambiguous. Read from the ASGI scope, decoded as Falcon does (Latin-1).
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def get_header(self, name: str) -> str | None:
+        key = name.lower().encode("latin-1")
+        values = [v.decode("latin-1") for k, v in self._raw if k.lower() == key]
+        return ",".join(values) if values else None
 
 
 def render(d: Decision, resp: falcon.asgi.Response) -> None:
@@ -172,6 +204,7 @@ def create_app(
     """
     app: falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response] = falcon.asgi.App(
         middleware=[Lifecycle(service, started, closing)],
+        request_type=Request,
     )
     # Auth answers have no body, so no Content-Type either; JSON resources set theirs.
     app.resp_options.default_media_type = None  # type: ignore[assignment]

@@ -35,8 +35,18 @@ _SAFE_IN_LIST = _SAFE.replace(",", "")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _EDGE_BLANKS = re.compile(r"^ +| +$")
 _UNSAFE_FACT = re.compile(r"[^\x20-\x7e]")
-# A JWT-shaped run (two dot-joined base64url segments): never let one reach the log.
-_JWT_LIKE = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*)?")
+# HTTP's optional whitespace around a value (RFC 9110 5.6.3): only SP and HTAB. str.strip()
+# would also drop \n, \x0b, \x1c-\x1f, \x85 and \xa0, accepting a token with junk at its ends.
+_OWS = " \t"
+# A JWT-shaped run (two dot-joined base64url segments): never let one reach the log. Matched
+# from the start of a base64url run only, without backtracking: linear in the input (a plain
+# [...]{8,}\. retries from every position of a long run: 0.3 s for an 8 KiB request line).
+_JWT_LIKE = re.compile(
+    r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]{8,}+(?:\.[A-Za-z0-9_-]*+)?"
+)
+# In the other facts (a host name may well look like two dotted runs): a JSON segment, as every
+# JWT header and payload is (base64url of '{"' is "eyJ"), with the segments that follow it.
+_JSON_SEGMENTS = re.compile(r"eyJ[A-Za-z0-9_-]{8,}+(?:\.[A-Za-z0-9_-]*+){0,2}")
 
 
 class RequestHeaders(Protocol):
@@ -69,9 +79,11 @@ def _from_source(source: TokenSource, req: RequestHeaders) -> list[str]:
         return _cookie_values(req.get_header("Cookie") or "", source.name)
     raw = req.get_header("Authorization" if source.kind == "bearer" else source.name) or ""
     # Repeated headers arrive joined by ","; a JWT never contains one.
-    values = [v.strip() for v in raw.split(",")]
+    values = [v.strip(_OWS) for v in raw.split(",")]
     if source.kind == "bearer":
-        values = [v[7:].strip() for v in values if v[:7].lower() == "bearer " and v[7:].strip()]
+        values = [
+            v[7:].strip(_OWS) for v in values if v[:7].lower() == "bearer " and v[7:].strip(_OWS)
+        ]
     return [v for v in values if v]
 
 
@@ -82,8 +94,8 @@ def _cookie_values(header: str, name: str) -> list[str]:
     values = []
     for pair in re.split(r"[;,]", header):
         key, sep, value = pair.partition("=")
-        if sep and key.strip() == name:
-            value = value.strip()
+        if sep and key.strip(_OWS) == name:
+            value = value.strip(_OWS)
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
             if value:
@@ -118,7 +130,8 @@ class RequestFacts:
 
 
 def _fact(value: str, limit: int = MAX_FACT_LENGTH) -> str:
-    return _UNSAFE_FACT.sub("?", value[:limit])
+    # Redacted before the cut, so that no piece of a token survives it.
+    return _UNSAFE_FACT.sub("?", _JSON_SEGMENTS.sub("[redacted]", value[: 16 * limit])[:limit])
 
 
 def redact_uri(uri: str) -> str:

@@ -53,8 +53,9 @@ class Policy:
         email = claims.email.lower()
         if email in c.allow_emails:
             return "allow_emails"
-        domain = email.rpartition("@")[2]
-        if domain and any(_domain_matches(domain, d) for d in c.allow_email_domains):
+        # Without an "@", or with nothing before it, an email is in no domain.
+        local, _, domain = email.rpartition("@")
+        if local and domain and any(_domain_matches(domain, d) for d in c.allow_email_domains):
             return "allow_email_domains"
         if c.allow_groups and not c.allow_groups.isdisjoint(self.groups(claims)):
             return "allow_groups"
