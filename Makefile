@@ -1,7 +1,7 @@
 # authd's developer commands. `make test` is the test command (CI runs it through .ci/run).
 #
-#   make test    system packages (nginx, wrk, systemd's tools) if missing, the venv, then every
-#                test, the packages on a booted Debian 12 included (root; see tests/system)
+#   make test    system packages (nginx, wrk, systemd's tools, faketime) if missing, the venv,
+#                then every test, the packages on a booted Debian 12 included (root; see tests/system)
 #   make lint    ruff check and mypy
 #   make demo    authd behind a private nginx on loopback, with a few requests explained
 #   make snippets  re-render nginx/*.conf, the snippets for the default configuration
@@ -33,7 +33,8 @@ deps:
 	[ -x $(NGINX) ] || missing="$$missing nginx"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v systemd-socket-activate >/dev/null || missing="$$missing systemd"; \
-	if [ -z "$$missing" ]; then echo "deps: nginx, wrk and systemd-socket-activate are installed"; exit 0; fi; \
+	command -v faketime >/dev/null || missing="$$missing faketime"; \
+	if [ -z "$$missing" ]; then echo "deps: nginx, wrk, systemd-socket-activate and faketime are installed"; exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then echo "deps: missing$$missing; run 'make deps' as root" >&2; exit 1; fi; \
 	echo "deps: installing$$missing"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing

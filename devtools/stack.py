@@ -7,14 +7,17 @@ check that answers), with a bounded timeout, never guessed with a sleep.
 
 The pieces:
 
-- `KeyServer`: a JWKS endpoint the test steers at run time (good keys, 500, slow, redirect, garbage,
-  huge, gzip bombs, down and up again), counting the requests it gets.
+- `KeyServer`: a JWKS endpoint the test steers at run time (good keys, 500, slow, hung until
+  released, redirect, garbage, huge, gzip bombs, down and up again), counting the requests it gets
+  and the ones it is still holding.
 - `Upstream`: the protected application; records each request and echoes its headers as JSON.
   `FastCGIApp` and `UwsgiApp` do the same behind fastcgi_pass and uwsgi_pass.
 - `Authd`: `authd serve --config ...` with its stdout and stderr captured line by line.
 - `Nginx`: the Debian nginx with a generated nginx.conf that includes the repo's shipped snippets.
 - `DevKey`: key material from `authd dev keygen`, tokens from `authd dev mint` or signed in-process.
 - `make_config` writes an authd TOML config; `running_stack` starts authd, the upstream and nginx.
+- `FakeTime`: a clock a test moves for one process (libfaketime), `ClientLoad` and `wrk_flood`:
+  load through nginx, `rss_bytes` and `metric` for what a drill measures.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import http.client
 import json
 import os
 import pwd
+import re
 import signal
 import socket
 import socketserver
@@ -421,6 +425,7 @@ class KeyReply:
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
     declare_length: bool = True  # False: no Content-Length, the body ends with the connection
+    hold: bool = False  # answer only once the test calls `KeyServer.release()`
 
 
 class _KeyHandler(_QuietHandler):
@@ -429,7 +434,13 @@ class _KeyHandler(_QuietHandler):
     def do_GET(self) -> None:
         owner = self.server.owner
         assert isinstance(owner, KeyServer)
-        reply = owner.record(self.path)
+        reply = owner.record(self.path)  # counted, and in flight until `left()`
+        try:
+            self._answer(owner, reply)
+        finally:
+            owner.left()
+
+    def _answer(self, owner: KeyServer, reply: KeyReply) -> None:
         if self.path == MOVED_PATH:
             # The target of `redirect()` serves the good keys: following the redirect would work.
             self.send_body(200, owner.jwks, "application/json")
@@ -439,6 +450,11 @@ class _KeyHandler(_QuietHandler):
             return
         if reply.delay and owner.closing.wait(reply.delay):
             return  # shutting down while slow: just drop the connection
+        if reply.hold:
+            owner.released.wait()
+            if owner.closing.is_set():
+                return  # shutting down while held: just drop the connection
+            reply = KeyReply(body=owner.jwks)
         self.send_body(
             reply.status,
             reply.body,
@@ -451,7 +467,8 @@ class _KeyHandler(_QuietHandler):
 class KeyServer(_LoopbackServer):
     """A JWKS endpoint at `CERTS_PATH` on 127.0.0.1, steerable while tests run.
 
-    Every request is counted (`request_count`, `paths`), whatever it is answered.
+    Every request is counted (`request_count`, `paths`), whatever it is answered; `in_flight`
+    is how many it is answering right now (a slow or held answer included).
     """
 
     handler = _KeyHandler
@@ -462,7 +479,9 @@ class KeyServer(_LoopbackServer):
         self._jwks = _as_json_bytes(jwks)
         self._reply = KeyReply(body=self._jwks)
         self._paths: list[str] = []
+        self._in_flight = 0
         self.closing = threading.Event()
+        self.released = threading.Event()  # what a held request waits for (`hang`/`release`)
 
     @property
     def url(self) -> str:
@@ -483,10 +502,20 @@ class KeyServer(_LoopbackServer):
         with self._lock:
             return list(self._paths)
 
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
     def record(self, path: str) -> KeyReply:
         with self._lock:
             self._paths.append(path)
+            self._in_flight += 1
             return self._reply
+
+    def left(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def reply(self, reply: KeyReply) -> None:
         with self._lock:
@@ -494,12 +523,16 @@ class KeyServer(_LoopbackServer):
 
     # Steering -----------------------------------------------------------------------------------
 
-    def serve_jwks(self, jwks: bytes | Mapping[str, Any] | None = None) -> None:
-        """Answer 200 with `jwks` (or the keys served last), and remember them as the good set."""
+    def serve_jwks(
+        self, jwks: bytes | Mapping[str, Any] | None = None, *, max_age: int | None = None
+    ) -> None:
+        """Answer 200 with `jwks` (or the keys served last), and remember them as the good set;
+        `max_age` adds `Cache-Control: max-age=N`."""
+        headers = (("Cache-Control", f"public, max-age={max_age}"),) if max_age is not None else ()
         with self._lock:
             if jwks is not None:
                 self._jwks = _as_json_bytes(jwks)
-            self._reply = KeyReply(body=self._jwks)
+            self._reply = KeyReply(body=self._jwks, headers=headers)
 
     def fail(self, status: int = 500) -> None:
         self.reply(KeyReply(status=status, body=b"internal error\n", content_type="text/plain"))
@@ -507,6 +540,16 @@ class KeyServer(_LoopbackServer):
     def slow(self, seconds: float) -> None:
         """Answer the good keys, but only after `seconds`."""
         self.reply(KeyReply(body=self.jwks, delay=seconds))
+
+    def hang(self) -> None:
+        """Hold every request from now on until `release()`, then answer the good keys."""
+        self.released.clear()
+        self.reply(KeyReply(hold=True))
+
+    def release(self) -> None:
+        """Let held requests have the good keys, and answer them at once from now on."""
+        self.serve_jwks()
+        self.released.set()
 
     def redirect(self, status: int = 302) -> None:
         """Redirect to `MOVED_PATH`, which serves the good keys: only a client that follows wins."""
@@ -541,6 +584,7 @@ class KeyServer(_LoopbackServer):
     def down(self) -> None:
         """Close the listener: connections are refused until `up()`."""
         self.closing.set()
+        self.released.set()
         self._close()
 
     def up(self) -> None:
@@ -550,6 +594,7 @@ class KeyServer(_LoopbackServer):
 
     def __exit__(self, *exc_info: object) -> None:
         self.closing.set()
+        self.released.set()
         super().__exit__(*exc_info)
 
 
@@ -1174,6 +1219,17 @@ class Authd:
         current = [self._process.output()] if self._process else []
         return "\n".join([*self._earlier_output, *current])
 
+    def metrics(self) -> str:
+        """`GET /metrics` on authd's socket: the Prometheus text (see `metric`)."""
+        answer = http_request(self.listen, "/metrics")
+        if answer.status != 200:
+            raise StackError(f"/metrics answered {answer.status}")
+        return answer.body.decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One metric from `/metrics` right now, summed over the samples matching `labels`."""
+        return metric(self.metrics(), name, **labels)
+
 
 # --- nginx ----------------------------------------------------------------------------------------
 
@@ -1446,3 +1502,264 @@ def temporary_workdir(prefix: str = "authd-stack-") -> Iterator[Path]:
     """A private temporary directory, removed on exit."""
     with tempfile.TemporaryDirectory(prefix=prefix) as name:
         yield Path(name)
+
+
+# --- drills: a clock a test moves, load, measurements ---------------------------------------------
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` in Prometheus text whose labels include `labels`
+    (0 when there is none): with every label given, the one sample's value."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith((name + "{", name + " ")):
+            continue
+        sample, _, value = line.rpartition(" ")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', sample))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size of a process (VmRSS in /proc/PID/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise StackError(f"no VmRSS for pid {pid}")
+
+
+def libfaketime() -> Path:
+    """libfaketime's preload library (Debian's `faketime` package; `make deps` installs it)."""
+    for pattern in ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib*/faketime/libfaketime.so.1"):
+        found = sorted(Path("/").glob(pattern.lstrip("/")))
+        if found:
+            return found[0]
+    raise StackError("libfaketime is missing: run `make deps` (Debian package faketime)")
+
+
+class FakeTime:
+    """A clock a test moves for one process: libfaketime, preloaded through `env`, reads an
+    offset from true time out of a file on every clock call (`FAKETIME_NO_CACHE`).
+
+    With `monotonic=False` only the wall clock moves (token times); with `monotonic=True`
+    the monotonic clock moves by the same offset, which is time passing for everything that
+    ages (key set staleness, refresh schedules, cooldowns): only ever move it forward.
+    Offsets are whole seconds. Only the process started with `env` is affected.
+    """
+
+    def __init__(self, directory: Path, *, monotonic: bool) -> None:
+        self.path = directory / "faketime.offset"
+        self.monotonic = monotonic
+        self.offset = 0
+        self._write()
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {
+            "LD_PRELOAD": str(libfaketime()),
+            "FAKETIME_TIMESTAMP_FILE": str(self.path),
+            "FAKETIME_NO_CACHE": "1",
+        }
+        if not self.monotonic:
+            env |= {"FAKETIME_DONT_FAKE_MONOTONIC": "1", "DONT_FAKE_MONOTONIC": "1"}
+        return env
+
+    def set(self, offset: int) -> None:
+        """The process's clock is now `offset` seconds ahead of true time (behind if < 0)."""
+        if self.monotonic and offset < self.offset:
+            raise ValueError("the monotonic clock only moves forward")
+        self.offset = offset
+        self._write()
+
+    def advance(self, seconds: int) -> None:
+        self.set(self.offset + seconds)
+
+    def _write(self) -> None:
+        # Atomically: libfaketime reads the file on every clock call and must never see it
+        # half written.
+        new = self.path.with_suffix(".new")
+        new.write_text(f"{self.offset:+d}\n")
+        new.replace(self.path)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request of a `ClientLoad`: whether its token was valid, and what the client saw."""
+
+    path: str
+    valid: bool
+    status: int | None  # None: no HTTP answer at all (`error` says why)
+    error: str | None = None
+
+
+class ClientLoad:
+    """Threads that send requests through nginx without pause until stopped, alternating a
+    valid and an invalid token (only the valid one if `invalid_token` is None), each to a fresh
+    path under `location`, and record every answer.
+
+    A context manager: the threads start on entry and stop on exit (or `stop()`).
+    """
+
+    def __init__(  # noqa: PLR0913 - what the load is made of
+        self,
+        port: int,
+        *,
+        valid_token: str,
+        invalid_token: str | None,
+        location: str = "/wiki/",
+        threads: int = 4,
+        timeout: float = 15.0,
+    ) -> None:
+        self.port = port
+        self.tokens = {True: valid_token, False: invalid_token or valid_token}
+        self.alternate = invalid_token is not None
+        self.location = location
+        self.threads = threads
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._sent: list[Sent] = []
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(n,), name=f"load-{n}", daemon=True)
+            for n in range(threads)
+        ]
+
+    def _run(self, n: int) -> None:
+        conn: http.client.HTTPConnection | None = None
+        count = 0
+        while not self._stopping.is_set():
+            valid = not self.alternate or count % 2 == 0
+            path = f"{self.location}load-{n}-{count}-{'valid' if valid else 'invalid'}"
+            count += 1
+            if conn is None:
+                conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=self.timeout)
+            try:
+                conn.request("GET", path, headers={"Cf-Access-Jwt-Assertion": self.tokens[valid]})
+                response = conn.getresponse()
+                response.read()
+                sent = Sent(path, valid, response.status)
+                if response.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as ex:
+                sent = Sent(path, valid, None, f"{type(ex).__name__}: {ex}")
+                conn.close()
+                conn = None
+            with self._lock:
+                self._sent.append(sent)
+        if conn is not None:
+            conn.close()
+
+    def sent(self) -> list[Sent]:
+        with self._lock:
+            return list(self._sent)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._sent)
+
+    def wait_for_more(self, n: int, *, timeout: float = 30.0) -> None:
+        """Wait until `n` more requests than now have been answered (or failed)."""
+        target = self.count() + n
+        wait_for(lambda: self.count() >= target, what=f"{n} more requests", timeout=timeout)
+
+    def start(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> list[Sent]:
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(self.timeout + STOP_TIMEOUT)
+        return self.sent()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+# wrk's script: every request carries `header.payload.signature` of a real token with the
+# header swapped for one naming a random kid (base64url in Lua), and every answer's status
+# is counted; `done` prints the counts of all threads as one JSON line.
+_RANDOM_KID_LUA = """\
+local header_prefix, header_suffix = '{"alg":"RS256","kid":"', '","typ":"JWT"}'
+local rest = "%(rest)s"
+local alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+local threads, counter = {}, 0
+
+local function b64url(s)
+  local out = {}
+  for i = 1, #s, 3 do
+    local x, y, z = s:byte(i, i + 2)
+    local n = x * 65536 + (y or 0) * 256 + (z or 0)
+    local chars = (z and 4) or (y and 3) or 2
+    for j = 1, chars do
+      local index = math.floor(n / 2 ^ (6 * (4 - j))) %% 64
+      out[#out + 1] = alphabet:sub(index + 1, index + 1)
+    end
+  end
+  return table.concat(out)
+end
+
+function setup(thread)
+  counter = counter + 1
+  thread:set("id", counter)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  math.randomseed(os.time() * 100 + id)
+  statuses = {}
+end
+
+function request()
+  local kid = {}
+  for i = 1, 8 do kid[i] = string.format("%%04x", math.random(0, 65535)) end
+  local token = b64url(header_prefix .. table.concat(kid) .. header_suffix) .. "." .. rest
+  return wrk.format("GET", "%(path)s", {["Cf-Access-Jwt-Assertion"] = token})
+end
+
+function response(status, headers, body)
+  local key = tostring(status)
+  statuses[key] = (statuses[key] or 0) + 1
+end
+
+function done(summary, latency, requests)
+  local total = {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do total[status] = (total[status] or 0) + n end
+  end
+  local parts = {}
+  for status, n in pairs(total) do parts[#parts + 1] = string.format('"%%s": %%d', status, n) end
+  io.write("STATUSES {" .. table.concat(parts, ", ") .. "}\\n")
+end
+"""
+
+
+def wrk_flood(  # noqa: PLR0913 - wrk's knobs
+    url: str,
+    path: str,
+    token: str,
+    *,
+    workdir: Path,
+    seconds: int,
+    connections: int = 16,
+    threads: int = 2,
+) -> dict[int, int]:
+    """Flood `url` + `path` with wrk for `seconds`: every request `token`'s payload and
+    signature under a header with a random kid. Returns how many answers had each status."""
+    header, _, rest = token.partition(".")
+    if not header or not rest:
+        raise ValueError("not a JWS compact token")
+    script = workdir / "random-kid.lua"
+    script.write_text(_RANDOM_KID_LUA % {"rest": rest, "path": path})
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "-s", script]
+    output = _run([*argv, url], what="wrk", timeout=seconds + 60)
+    for line in output.splitlines():
+        if line.startswith("STATUSES "):
+            return {int(k): v for k, v in json.loads(line.removeprefix("STATUSES ")).items()}
+    raise StackError(f"wrk printed no status counts:\n{output}")

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from devtools.stack import KEY_SERVER_FAULTS, MOVED_PATH, jwks_of, wait_for
+from devtools.stack import KEY_SERVER_FAULTS, MOVED_PATH, jwks_of, metric, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +31,11 @@ def test_keys_down_at_cold_start_fail_closed_and_recover_by_themselves(
     assert first.received is None
     assert first.audit["decision"] == "error"
     assert first.audit["reason"] == "keys_unavailable"
+    text = visit.stack.authd.metrics()
+    assert metric(text, "authd_keys_usable", issuer="test") == 0
+    assert metric(text, "authd_key_fetches_total", issuer="test", result="error") >= 1
+    assert metric(text, "authd_key_fetches_total", issuer="test", result="ok") == 0
+    assert metric(text, "authd_decisions_total", decision="error", reason="keys_unavailable") == 1
 
     key_server.up()
     visits = visit.until(200, "/wiki/", token=token)
@@ -38,6 +43,11 @@ def test_keys_down_at_cold_start_fail_closed_and_recover_by_themselves(
     assert [v.status for v in visits[:-1]] == [500] * (len(visits) - 1)
     assert visits[-1].received is not None
     assert visits[-1].received.values("x-authd-email") == ["alice@example.com"]
+    text = visit.stack.authd.metrics()
+    assert metric(text, "authd_keys_usable", issuer="test") == 1
+    assert metric(text, "authd_key_fetches_total", issuer="test", result="ok") == 1
+    assert metric(text, "authd_decisions_total", reason="keys_unavailable") == len(visits)
+    assert metric(text, "authd_decisions_total", decision="allow") == 1
 
 
 BAD_KEY_ANSWERS = [pytest.param(fault, id=name) for name, fault in KEY_SERVER_FAULTS.items()]
@@ -55,6 +65,11 @@ def test_a_bad_key_answer_at_cold_start_fails_closed(key_server, drill, make_tok
     assert seen.received is None
     assert seen.audit["reason"] == "keys_unavailable"
     assert MOVED_PATH not in key_server.paths  # a redirect is never followed
+    text = visit.stack.authd.metrics()
+    assert metric(text, "authd_keys_usable", issuer="test") == 0
+    assert metric(text, "authd_key_fetches_total", issuer="test", result="error") >= 1
+    assert metric(text, "authd_key_fetches_total", issuer="test", result="ok") == 0
+    assert metric(text, "authd_decisions_total", decision="error", reason="keys_unavailable") == 1
 
 
 def test_a_gzip_encoded_key_set_is_read(key_server, drill, make_token):

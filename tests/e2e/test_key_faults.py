@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from devtools.stack import KEY_SERVER_FAULTS, wait_for
+from devtools.stack import KEY_SERVER_FAULTS, metric, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +35,13 @@ def test_users_keep_working_on_the_last_good_keys(
     def failed_fetches() -> int:
         return visit.stack.authd.count("keys_fetch_failed")
 
+    authd = visit.stack.authd
     misbehave(failing_key_server)
     before = failed_fetches()
+    errors, allowed = (
+        authd.metric("authd_key_fetches_total", result="error"),
+        authd.metric("authd_decisions_total", decision="allow"),
+    )
     stranger = make_token(key=next_key)
 
     def refetch_failed() -> bool:
@@ -50,3 +55,7 @@ def test_users_keep_working_on_the_last_good_keys(
     assert seen.status == 200
     assert seen.received is not None
     assert seen.received.values("x-authd-email") == ["alice@example.com"]
+    text = authd.metrics()
+    assert metric(text, "authd_key_fetches_total", result="error") > errors
+    assert metric(text, "authd_keys_usable", issuer="test") == 1
+    assert metric(text, "authd_decisions_total", decision="allow") == allowed + 1

@@ -150,6 +150,13 @@ def test_a_broken_configuration_is_refused_and_the_old_one_keeps_serving(
     assert visit("/wiki/").status == 401
     assert stack.authd.count("reloaded") == 0
     assert stack.authd.running()
+    # The refused configuration fetched nothing (a valid reload refetches) and changed nothing.
+    text = http_request(stack.authd.listen, "/metrics").body.decode()
+    assert metric(text, "authd_key_fetches_total", issuer="test", result="ok") == workers
+    assert metric(text, "authd_keys_usable", issuer="test") == 1
+    allowed = [line for line in stack.authd.audit_lines() if line["decision"] == "allow"]
+    assert metric(text, "authd_decisions_total", decision="allow") == len(allowed)
+    assert metric(text, "authd_decisions_total", decision="deny", reason="no_token") == 1
 
 
 def test_a_killed_worker_is_replaced_without_a_wrong_answer(drill, notify, make_token, next_key):
