@@ -4,6 +4,8 @@
 #                then every test, the packages on a booted Debian 12 included (root; see tests/system)
 #   make lint    ruff check and mypy
 #   make demo    authd behind a private nginx on loopback, with a few requests explained
+#   make soak    authd behind nginx at 80% of its capacity for 10 minutes while the key endpoint
+#                flaps; every answer checked (not in CI; SOAK_ARGS="--duration 60" for a short run)
 #   make snippets  re-render nginx/*.conf, the snippets for the default configuration
 #   make clean   remove the venv and caches
 
@@ -48,6 +50,11 @@ lint: venv
 
 demo: deps venv
 	$(BIN)/python devtools/demo.py
+
+# The method and the report: devtools/soak.py (--help for its options).
+.PHONY: soak
+soak: deps venv
+	$(BIN)/python devtools/soak.py $(SOAK_ARGS)
 
 # Rendered from the built-in defaults, never from a config file that happens to be installed.
 snippets: venv
