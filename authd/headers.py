@@ -41,12 +41,17 @@ _OWS = " \t"
 # A JWT-shaped run (two dot-joined base64url segments): never let one reach the log. Matched
 # from the start of a base64url run only, without backtracking: linear in the input (a plain
 # [...]{8,}\. retries from every position of a long run: 0.3 s for an 8 KiB request line).
+# A dot may also arrive percent-encoded (%2E): the segments it joins are the token's all the same.
+_DOT = r"(?:\.|%2[Ee])"
 _JWT_LIKE = re.compile(
-    r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]{8,}+(?:\.[A-Za-z0-9_-]*+)?"
+    rf"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{{8,}}+{_DOT}[A-Za-z0-9_-]{{8,}}+(?:{_DOT}[A-Za-z0-9_-]*+)?"
 )
 # In the other facts (a host name may well look like two dotted runs): a JSON segment, as every
-# JWT header and payload is (base64url of '{"' is "eyJ"), with the segments that follow it.
-_JSON_SEGMENTS = re.compile(r"eyJ[A-Za-z0-9_-]{8,}+(?:\.[A-Za-z0-9_-]*+){0,2}")
+# JWT header and payload is (base64url of '{"' is "eyJ"), with the segments that follow it
+# (joined by a dot, or in a path by "/": a signature alone is still a piece of the token).
+_JSON_SEGMENTS = re.compile(
+    rf"eyJ[A-Za-z0-9_-]{{8,}}+(?:{_DOT}[A-Za-z0-9_-]*+|/[A-Za-z0-9_-]{{16,}}+){{0,2}}"
+)
 
 
 class RequestHeaders(Protocol):
