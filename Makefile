@@ -66,6 +66,17 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
+# make fuzz: the atheris fuzz target of the token path (fuzz/fuzz_auth.py), for FUZZ_SECONDS
+# (an hour by default; 0 runs until stopped). Seeds: fuzz/corpus; what the fuzzer finds goes to
+# fuzz/corpus-local, crashes to fuzz/artifacts/ (neither is committed). CI runs a short run
+# (tests/unit/test_fuzz.py). More libFuzzer flags: make fuzz FUZZ_ARGS="-fork=4".
+FUZZ_SECONDS ?= 3600
+.PHONY: fuzz
+fuzz: venv
+	mkdir -p fuzz/corpus-local fuzz/artifacts
+	$(BIN)/python fuzz/fuzz_auth.py fuzz/corpus-local fuzz/corpus \
+	    -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/artifacts/ $(FUZZ_ARGS)
+
 # ---------------------------------------------------------------------------------------
 # Packages: `make packages` builds dist/authd_<version>-<DEB_REVISION>_<arch>.deb and
 # dist/authd-<version>-<RPM_RELEASE>.x86_64.rpm (version: authd.__version__), checks them
