@@ -50,6 +50,16 @@ _CUSTOM_HEADER = re.compile(r"X-Authd-[A-Za-z0-9][A-Za-z0-9-]{0,63}", re.IGNOREC
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 
 Scalar: TypeAlias = str | int | bool
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """Lower-case A-Z only. ``str.lower`` maps other characters onto ASCII too (the Kelvin
+    sign U+212A becomes "k"), which would let a different address match an allow-list entry."""
+    return text.translate(_ASCII_LOWER)
+
+
 _D = TypeVar("_D")
 
 
@@ -362,8 +372,8 @@ def _parse_policy(table: _Table, name: str) -> PolicyConfig | None:
     return PolicyConfig(
         name=name,
         audience=tuple(audience),
-        allow_emails=frozenset(e.lower() for e in emails),
-        allow_email_domains=tuple(d.lower() for d in domains),
+        allow_emails=frozenset(ascii_lower(e) for e in emails),
+        allow_email_domains=tuple(ascii_lower(d) for d in domains),
         allow_groups=frozenset(groups),
         allow_service_tokens=frozenset(services),
         require_claims=tuple(require),

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from authd.claims import string_list
+from authd.config import ascii_lower
 from authd.errors import Denied, Reason
 
 if TYPE_CHECKING:
@@ -50,12 +51,19 @@ class Policy:
         if claims.service_token:
             admitted = claims.service_token in c.allow_service_tokens
             return "allow_service_tokens" if admitted else None
-        email = claims.email.lower()
+        email = ascii_lower(claims.email)
         if email in c.allow_emails:
             return "allow_emails"
-        # Without an "@", or with nothing before it, an email is in no domain.
-        local, _, domain = email.rpartition("@")
-        if local and domain and any(_domain_matches(domain, d) for d in c.allow_email_domains):
+        # An address has exactly one "@" with something on both sides; anything else
+        # ("example.com", "@example.com", "a@evil.org@example.com") is in no domain.
+        local, at, domain = email.partition("@")
+        if (
+            at
+            and local
+            and domain
+            and "@" not in domain
+            and any(_domain_matches(domain, d) for d in c.allow_email_domains)
+        ):
             return "allow_email_domains"
         if c.allow_groups and not c.allow_groups.isdisjoint(self.groups(claims)):
             return "allow_groups"

@@ -65,6 +65,13 @@ def test_allow_lists_admit(rules, email, rule):
         ({"allow_email_domains": ["example.com"]}, "bob@example.com.evil.net"),
         ({"allow_email_domains": [".example.com"]}, "bob@evilexample.com"),
         ({"allow_email_domains": ["example.com"]}, "example.com@evil.net"),
+        ({"allow_email_domains": ["example.com"]}, "alice@evil.org@example.com"),
+        ({"allow_email_domains": ["example.com"]}, "example.com"),
+        ({"allow_email_domains": ["example.com"]}, "@example.com"),
+        # str.lower() maps these onto ASCII: the Kelvin sign to "k", the Angstrom sign to "å".
+        ({"allow_emails": ["kate@corp.com"]}, "\u212aate@corp.com"),
+        ({"allow_email_domains": ["kubernetes.io"]}, "x@\u212aubernetes.io"),
+        ({"allow_emails": ["\u00e5sa@corp.com"]}, "\u212bsa@corp.com"),
         ({"allow_groups": ["sre"]}, "bob@example.com"),
     ],
 )
