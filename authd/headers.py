@@ -142,9 +142,11 @@ def _fact(value: str, limit: int = MAX_FACT_LENGTH) -> str:
 def redact_uri(uri: str) -> str:
     """The path of ``uri`` with every query value redacted (tokens travel in query strings)."""
     path, sep, query = uri.partition("?")
-    path = _JWT_LIKE.sub("[redacted]", path)
+    # Bounded work whatever the length (the result is cut to MAX_URI_LENGTH anyway): the
+    # path's first 16 KiB, the query's first 256 parameters (the rest is one, redacted).
+    path = _JWT_LIKE.sub("[redacted]", path[: 16 * MAX_URI_LENGTH])
     if sep:
-        names = (part.partition("=") for part in query.split("&"))
+        names = (part.partition("=") for part in query.split("&", 256))
         query = "&".join(
             f"{_fact(name, 64)}=[redacted]" if eq else "[redacted]" for name, eq, _ in names
         )
