@@ -116,13 +116,15 @@ class HttpSource:
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._fetch()
-        except TimeoutError as ex:
+        except (TimeoutError, httpx.TimeoutException) as ex:
             raise FetchError(f"timed out after {self.timeout:g}s") from ex
         except httpx.HTTPError as ex:
             raise FetchError(f"{type(ex).__name__}: {ex}") from ex
 
     async def _fetch(self) -> Fetched:
-        async with self.client.stream("GET", self.url) as resp:
+        # httpx's own timeouts (5 s per phase by default) would cut fetch_timeout_seconds
+        # short: each phase may take as long as the whole fetch, which asyncio bounds above.
+        async with self.client.stream("GET", self.url, timeout=self.timeout) as resp:
             if resp.status_code != 200:
                 where = resp.headers.get("location")
                 detail = f" (redirect to {where!r} refused)" if where else ""

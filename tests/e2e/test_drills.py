@@ -148,7 +148,8 @@ def test_known_keys_serve_until_max_stale_then_fail_closed(tmp_path, key_server,
 def test_a_hung_key_endpoint_does_not_hold_up_known_keys(key_server, drill, make_token, next_key):
     """A stranger's kid starts a refetch that the key server holds past the fetch timeout;
     meanwhile requests with the known kid are answered, while authd still waits for it."""
-    visit = drill(refetch_cooldown_seconds=1, fetch_timeout_seconds=5)
+    # A fetch timeout far beyond what the visits below need even on a loaded machine.
+    visit = drill(refetch_cooldown_seconds=1, fetch_timeout_seconds=10)
     authd = visit.stack.authd
     token = make_token()
     fetches = key_server.request_count
@@ -157,7 +158,7 @@ def test_a_hung_key_endpoint_does_not_hold_up_known_keys(key_server, drill, make
     with ThreadPoolExecutor(1) as pool:
         stranger = pool.submit(visit, token=make_token(key=next_key))
         wait_for(lambda: key_server.in_flight == 1, what="authd's refetch to be held")
-        known = [visit(token=token) for _ in range(40)]
+        known = [visit(token=token) for _ in range(10)]
         # Still held by the key server, and authd has not given up on it yet: every one of
         # those requests was answered while the fetch was in flight.
         assert key_server.in_flight == 1
@@ -169,8 +170,8 @@ def test_a_hung_key_endpoint_does_not_hold_up_known_keys(key_server, drill, make
     # The stranger waited for the refetch (at most 3 s), then was refused, not failed.
     assert (held.status, held.audit["reason"]) == (401, "unknown_kid")
 
-    failed = authd.wait_for_event("keys_fetch_failed", timeout=15)
-    assert failed["error"] == "timed out after 5s"
+    failed = authd.wait_for_event("keys_fetch_failed", timeout=25)
+    assert failed["error"] == "timed out after 10s"
     assert failed["keys_usable"] is True
     assert visit(token=token).status == 200
     key_server.release()
@@ -178,7 +179,7 @@ def test_a_hung_key_endpoint_does_not_hold_up_known_keys(key_server, drill, make
     text = authd.metrics()
     assert metric(text, "authd_key_fetches_total", issuer=ISSUER, result="error") == 1
     assert metric(text, "authd_keys_usable", issuer=ISSUER) == 1
-    assert decisions(text, decision="allow") == 41
+    assert decisions(text, decision="allow") == len(known) + 1
     assert decisions(text, reason="unknown_kid") == 1
 
 
@@ -477,15 +478,17 @@ def test_clock_skew_within_and_beyond_the_leeway(tmp_path, drill, make_token, ma
     visit = drill(env=clock.env, leeway_seconds=30)
     authd = visit.stack.authd
     # iat = nbf = now, exp = now + 120; and one without nbf (as service tokens come).
+    minted = time.time()
     token = make_token(ttl=120)
     without_nbf = dev_key.sign({k: v for k, v in make_claims(ttl=120).items() if k != "nbf"})
 
     def at(offset: int) -> tuple[tuple[int, str | None], tuple[int, str | None]]:
-        clock.set(offset)
+        """authd's clock at `offset` seconds from the minting, however long the test runs."""
+        clock.set(round(offset - (time.time() - minted)))
         seen = [visit(token=token), visit(token=without_nbf)]
         for v in seen:  # authd's own clock: the audit line's timestamp
             stamped = datetime.fromisoformat(v.audit["timestamp"]).timestamp()
-            assert abs(stamped - time.time() - offset) < 10, (offset, v.audit["timestamp"])
+            assert abs(stamped - minted - offset) < 10, (offset, v.audit["timestamp"])
         return tuple((v.status, v.audit["reason"]) for v in seen)
 
     allowed = ((200, None), (200, None))
