@@ -43,7 +43,11 @@ def test_the_whole_token_and_every_piece_of_24_characters_are_found(registry):
     registry.add(t)
 
     assert registry.find(f"log: {t}")
-    for segment in t.split("."):
+    header, *rest = t.split(".")
+    # The header (alg, kid, typ) counts whole: its first characters are every token's.
+    assert registry.find(f"x={header}!")
+    assert not registry.find(f"x={header[:-4]}!")
+    for segment in rest:
         for start in range(len(segment) - MIN_RUN + 1):
             piece = segment[start : start + MIN_RUN]
             assert registry.find(f"x={piece}!") or len(set(piece)) < MIN_DISTINCT, piece
