@@ -69,6 +69,19 @@ def ready(stack) -> tuple[int, dict]:
     return answer.status, json.loads(answer.body)
 
 
+def assert_right_or_failed_closed(sent) -> Counter:
+    """nginx answered every request; a valid token got 200 or a fail-closed 500, an invalid
+    one 401 or 500, never a 200; and both kinds were really answered along the way.
+    Returns the count of (valid, status)."""
+    assert all(s.error is None for s in sent), [s for s in sent if s.error][:3]
+    wrong = [s for s in sent if s.status not in ({200, 500} if s.valid else {401, 500})]
+    assert not wrong, wrong[:5]
+    statuses = Counter((s.valid, s.status) for s in sent)
+    assert statuses[True, 200]
+    assert statuses[False, 401]
+    return statuses
+
+
 # --- 2. the key endpoint goes down after keys were loaded ---
 
 
@@ -363,12 +376,7 @@ def test_sigterm_under_load_answers_what_it_accepted(  # noqa: PLR0917 - pytest'
     assert (held.status, held.audit["reason"]) == (401, "unknown_kid")
 
     # Every answer is right or fails closed; no request went unanswered by nginx.
-    assert all(s.error is None for s in sent), [s for s in sent if s.error][:3]
-    wrong = [s for s in sent if s.status not in ({200, 500} if s.valid else {401, 500})]
-    assert not wrong, wrong[:5]
-    statuses = Counter((s.valid, s.status) for s in sent)
-    assert statuses[True, 200]
-    assert statuses[False, 401]
+    statuses = assert_right_or_failed_closed(sent)
     # At least the ones sent after authd was gone (one per thread may have been answered before).
     assert statuses[True, 500] + statuses[False, 500] >= 40 - load.threads
 
@@ -429,12 +437,7 @@ def test_a_worker_killed_under_load(drill, make_token, next_key, dev_key):
 
     assert died["pid"] == victim
     assert died["exit"] == "killed by SIGKILL"
-    assert all(s.error is None for s in sent), [s for s in sent if s.error][:3]
-    wrong = [s for s in sent if s.status not in ({200, 500} if s.valid else {401, 500})]
-    assert not wrong, wrong[:5]
-    statuses = Counter((s.valid, s.status) for s in sent)
-    assert statuses[True, 200]
-    assert statuses[False, 401]
+    assert_right_or_failed_closed(sent)
 
     # Service resumes: every worker (the new one included) answers, and through nginx all 200.
     workers = set(authd.worker_pids())
