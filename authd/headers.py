@@ -43,14 +43,18 @@ _OWS = " \t"
 # [...]{8,}\. retries from every position of a long run: 0.3 s for an 8 KiB request line).
 # A dot may also arrive percent-encoded (%2E): the segments it joins are the token's all the same.
 _DOT = r"(?:\.|%2[Ee])"
+# Every further dotted segment goes with it: tokens glued together, or junk glued to one, must
+# not leave a signature behind once three segments are taken.
 _JWT_LIKE = re.compile(
-    rf"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{{8,}}+{_DOT}[A-Za-z0-9_-]{{8,}}+(?:{_DOT}[A-Za-z0-9_-]*+)?"
+    rf"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{{8,}}+{_DOT}[A-Za-z0-9_-]{{8,}}+(?:{_DOT}[A-Za-z0-9_-]*+)*+"
 )
-# In the other facts (a host name may well look like two dotted runs): a JSON segment, as every
-# JWT header and payload is (base64url of '{"' is "eyJ"), with the segments that follow it
-# (joined by a dot, or in a path by "/": a signature alone is still a piece of the token).
+# In the other facts (a host name may well look like two dotted runs): a run holding a JSON
+# segment, as every JWT header and payload is (base64url of '{"' is "eyJ"), whole, with every
+# segment that follows it (joined by a dot, or in a path by "/": a signature alone is still a
+# piece of the token). Anchored at the start of a run, so each run is scanned once.
 _JSON_SEGMENTS = re.compile(
-    rf"eyJ[A-Za-z0-9_-]{{8,}}+(?:{_DOT}[A-Za-z0-9_-]*+|/[A-Za-z0-9_-]{{16,}}+){{0,2}}"
+    rf"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]*?eyJ[A-Za-z0-9_-]{{8,}}+"
+    rf"(?:{_DOT}[A-Za-z0-9_-]*+|/[A-Za-z0-9_-]{{16,}}+)*+"
 )
 
 

@@ -285,3 +285,27 @@ def test_token_id_is_a_short_fingerprint():
     assert len(token_id(TOK)) == 16
     assert token_id(TOK) != token_id(OTHER)
     assert TOK not in token_id(TOK)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "{t}{t}",  # two tokens glued together
+        "{t}.{t}",
+        "{h}_%2e{t}",  # junk glued before, joined by an encoded dot
+        "{t}%2E{s}.%2e",  # a copy of the signature glued after
+        "x{t}x",
+        "/{h}/{p}/{s}",
+    ],
+)
+def test_no_piece_of_a_token_survives_glued_shapes(forge, shape):
+    token = forge.valid()
+    h, p, s = token.split(".")
+    value = shape.format(t=token, h=h, p=p, s=s)
+    facts = RequestFacts.from_request(Req(("X-Request-ID", value)), "GET")
+    for redacted in (redact_uri("/wiki/" + value), facts.request_id):
+        for segment in (h, p, s):
+            assert not any(segment[i : i + 24] in redacted for i in range(len(segment) - 23)), (
+                shape,
+                redacted,
+            )
