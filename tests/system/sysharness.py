@@ -65,7 +65,10 @@ def sh(
     timeout: float = 600,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    input_text: str | None = None,
+    what: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """Run a command (a string goes to /bin/sh); check: fail, naming ``what``, on non-zero exit."""
     cmd = ["/bin/sh", "-c", args] if isinstance(args, str) else args
     proc = subprocess.run(
         cmd,
@@ -74,11 +77,12 @@ def sh(
         timeout=timeout,
         cwd=cwd,
         env=env,
+        input=input_text,
         check=False,
     )
     if check and proc.returncode != 0:
         pytest.fail(
-            f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+            f"{what or cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
             f"\n--- stderr\n{proc.stderr[-6000:]}",
             pytrace=False,
         )
@@ -196,21 +200,13 @@ class Container:
             "-c",
             command,
         ]
-        proc = subprocess.run(
+        return sh(
             argv,
-            capture_output=True,
-            text=True,
+            check=check,
             timeout=timeout,
-            input=input_text,
-            check=False,
+            input_text=input_text,
+            what=f"in the container: {command!r}",
         )
-        if check and proc.returncode != 0:
-            pytest.fail(
-                f"in the container: {command!r} exited {proc.returncode}\n"
-                f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}",
-                pytrace=False,
-            )
-        return proc
 
     def out(self, command: str, **kwargs: object) -> str:
         return self.run(command, **kwargs).stdout.strip()  # type: ignore[arg-type]
