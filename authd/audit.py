@@ -7,11 +7,14 @@ request it answered. No token ever reaches a log line: only its short fingerprin
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
+import orjson
 import structlog
 
 from authd.errors import Reason
@@ -33,7 +36,17 @@ _SHARED: list[Any] = [
 ]
 
 
-_PROCESSORS: list[Any] = [*_SHARED, _TRACEBACKS, structlog.processors.JSONRenderer()]
+def _dumps(event: object, default: Callable[[object], object]) -> str:
+    """orjson: a tenth of ``json.dumps``'s time, on every request; the rare value it cannot
+    take (an integer beyond 64 bits) falls back to ``json.dumps``."""
+    try:
+        return orjson.dumps(event, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(event, default=default)
+
+
+_JSON = structlog.processors.JSONRenderer(serializer=_dumps)
+_PROCESSORS: list[Any] = [*_SHARED, _TRACEBACKS, _JSON]
 
 
 def configure(
@@ -61,7 +74,7 @@ def configure(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 _TRACEBACKS,
-                structlog.processors.JSONRenderer(),
+                _JSON,
             ],
         ),
     )
@@ -132,6 +145,7 @@ class Auditor:
             "reason": d.reason.value if d.reason is not None else None,
             "policy": d.policy,
             "rule": d.rule,
+            "cached": d.cached,
             "user": c.user if c else None,
             "email": c.email or None if c else None,
             "sub": c.sub or None if c else None,

@@ -22,6 +22,8 @@ class Claims:
     kid: str
     alg: str
     exp: float
+    valid_from: float  # the wall-clock window in which the time claims hold (leeway included)
+    valid_until: float
     email: str  # "" for service tokens
     sub: str  # "" for service tokens
     service_token: str  # the service token's client id (common_name); "" for users

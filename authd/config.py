@@ -8,6 +8,7 @@ unknown keys, and raises :class:`ConfigError` with all of them.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 import types
@@ -22,6 +23,7 @@ from authd.errors import ConfigError
 DEFAULT_PATH = Path("/etc/authd/authd.toml")
 DEFAULT_LISTEN = "127.0.0.1:9180"
 MAX_WORKERS = 64
+MAX_NGINX_CACHE_SECONDS = 300
 DEFAULT_TOKEN_SOURCES = ("header:Cf-Access-Jwt-Assertion", "cookie:CF_Authorization")
 
 # Only asymmetric algorithms: an issuer publishes public keys, and accepting an HMAC
@@ -61,6 +63,11 @@ def ascii_lower(text: str) -> str:
 
 
 _D = TypeVar("_D")
+
+
+def default_workers() -> int:
+    """``workers = "auto"``: one per CPU this process may run on."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +140,24 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """``[cache]``: authd's decision cache (see :mod:`authd.cache`)."""
+
+    enabled: bool = True
+    max_entries: int = 100_000
+    max_megabytes: float = 128
+    max_seconds: float = 300
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=lambda: _parse_listen_or_die(DEFAULT_LISTEN))
-    workers: int = 1
+    workers: int = field(default_factory=default_workers)
     audit_file: Path | None = None  # decision lines go here instead of standard output
     leeway_seconds: float = 30
+    cache: CacheSettings = CacheSettings()
+    # How long nginx may reuse an allow (micro-cache mode, X-Accel-Expires); 0: never.
+    nginx_cache_seconds: int = 0
     token_sources: tuple[TokenSource, ...] = ()
     issuers: tuple[IssuerConfig, ...] = ()
     policies: Mapping[str, PolicyConfig] = field(
@@ -195,11 +215,13 @@ def parse(raw: Mapping[str, object]) -> Config:
     top = _Table(raw, "", problems)
 
     listen = _parse_listen(top.get_str("listen", DEFAULT_LISTEN), top.path("listen"), problems)
-    workers = top.get_int("workers", 1, low=1, high=MAX_WORKERS)
+    workers = _parse_workers(top)
     audit_file = top.get_str("audit_file", None)
     if audit_file is not None and not Path(audit_file).is_absolute():
         problems.append("audit_file: must be an absolute path")
     leeway = top.get_number("leeway_seconds", 30, low=0, high=300)
+    cache = _parse_cache(_Table(top.get_tables("cache"), "cache", problems))
+    nginx_cache = top.get_int("nginx_cache_seconds", 0, low=0, high=MAX_NGINX_CACHE_SECONDS)
     sources = tuple(
         s
         for i, text in enumerate(
@@ -239,10 +261,36 @@ def parse(raw: Mapping[str, object]) -> Config:
         workers=workers,
         audit_file=Path(audit_file) if audit_file is not None else None,
         leeway_seconds=leeway,
+        cache=cache,
+        nginx_cache_seconds=nginx_cache,
         token_sources=sources,
         issuers=issuers,
         policies=types.MappingProxyType(policies),
     )
+
+
+def _parse_workers(top: _Table) -> int:
+    value = top.raw.get("workers", "auto")
+    if value == "auto":
+        top.used.add("workers")
+        return default_workers()
+    if isinstance(value, bool) or not isinstance(value, int):
+        top.used.add("workers")
+        top.problems.append('workers: expected an integer or "auto"')
+        return 1
+    return top.get_int("workers", 1, low=1, high=MAX_WORKERS)
+
+
+def _parse_cache(table: _Table) -> CacheSettings:
+    d = CacheSettings()
+    settings = CacheSettings(
+        enabled=table.get_bool("enabled", d.enabled),
+        max_entries=table.get_int("max_entries", d.max_entries, low=1, high=10_000_000),
+        max_megabytes=table.get_number("max_megabytes", d.max_megabytes, low=1, high=65536),
+        max_seconds=table.get_number("max_seconds", d.max_seconds, low=1, high=86400),
+    )
+    table.reject_unknown()
+    return settings
 
 
 def _parse_issuer(table: _Table, path: str, problems: list[str]) -> IssuerConfig | None:
@@ -486,6 +534,15 @@ class _Table:
             return default
         if not isinstance(value, str):
             self.problems.append(f"{self.path(key)}: expected a string")
+            return default
+        return value
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        value = self._take(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.problems.append(f"{self.path(key)}: expected true or false")
             return default
         return value
 

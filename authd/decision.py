@@ -6,14 +6,17 @@ Everything a request can end in is a ``Decision`` value; the HTTP resource and t
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
+from authd.cache import DecisionCache
 from authd.errors import Denied, KeysUnavailable, Reason
-from authd.headers import HeaderPlan, token_id
+from authd.headers import HeaderPlan, token_digest, token_id
 from authd.policy import Policy
 from authd.verify import Verifier
 
@@ -34,6 +37,7 @@ class Decision:
     claims: Claims | None = None
     token_id: str | None = None
     rule: str | None = None  # which rule admitted the token
+    cached: bool = False  # an allow served from the decision cache
     detail: str = ""  # for the log only, never the wire
     exc_info: ExcInfo | None = field(default=None, repr=False)
 
@@ -44,12 +48,21 @@ class Decision:
         return "deny" if self.status < 500 else "error"
 
 
-class Authorizer:
-    """Decides requests for the configured policies."""
+_NO_PAYLOAD: Mapping[str, object] = types.MappingProxyType({})
 
-    def __init__(self, verifier: Verifier, plans: Mapping[str, HeaderPlan]) -> None:
+
+class Authorizer:
+    """Decides requests for the configured policies, remembering allows in ``cache``."""
+
+    def __init__(
+        self,
+        verifier: Verifier,
+        plans: Mapping[str, HeaderPlan],
+        cache: DecisionCache | None = None,
+    ) -> None:
         self.verifier = verifier
         self.plans = dict(plans)
+        self.cache = cache
 
     @classmethod
     def from_config(cls, config: Config, keys: KeyStore, clock: Clock) -> Authorizer:
@@ -64,7 +77,8 @@ class Authorizer:
         plans = {
             name: HeaderPlan.for_policy(Policy(p, groups)) for name, p in config.policies.items()
         }
-        return cls(verifier, plans)
+        cache = DecisionCache(config.cache, clock) if config.cache.enabled else None
+        return cls(verifier, plans, cache)
 
     async def decide(self, policy: str, get_token: Callable[[], str]) -> Decision:
         """Decide one request. Never raises: a failure is an ``error`` decision (500)."""
@@ -80,8 +94,12 @@ class Authorizer:
                     detail="nginx asked for a policy that is not configured",
                 )
             token = get_token()
-            tid = token_id(token)
-            claims = await self.verifier.verify(token, plan.policy.config.audience)
+            digest = token_digest(token)
+            tid = token_id(digest)
+            if self.cache is not None and (hit := self.cache.get(digest, policy)) is not None:
+                return hit
+            verified = await self.verifier.verify_with_keys(token, plan.policy.config.audience)
+            claims = verified.claims
             rule = plan.policy.evaluate(claims)
             headers = plan.render(claims)
         except Denied as ex:
@@ -109,7 +127,7 @@ class Authorizer:
                 token_id=tid,
                 exc_info=sys.exc_info(),  # type: ignore[arg-type]  # inside except: never None
             )
-        return Decision(
+        decision = Decision(
             status=200,
             policy=policy,
             headers=headers,
@@ -117,3 +135,12 @@ class Authorizer:
             token_id=tid,
             rule=rule,
         )
+        if self.cache is not None:
+            # What a hit needs, and no more: the payload (up to a few KiB) stays behind.
+            hit = dataclasses.replace(
+                decision,
+                claims=dataclasses.replace(claims, payload=_NO_PAYLOAD),
+                cached=True,
+            )
+            self.cache.put(digest, policy, hit, verified)
+        return decision

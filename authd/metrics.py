@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
@@ -37,6 +37,16 @@ DURATION = Histogram(
     "authd_decision_duration_seconds",
     "Time from the auth request's arrival to its answer, inside authd.",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1, 3, 5),
+)
+ALLOWS = Counter(
+    "authd_allows",
+    "Allows by how they were decided: from the decision cache (cache), or verified in full.",
+    ["source"],
+)
+CACHE_ENTRIES = Gauge(
+    "authd_decision_cache_entries",
+    "Allows held in the decision cache (summed over workers).",
+    multiprocess_mode="livesum",
 )
 KEY_FETCHES = Counter(
     "authd_key_fetches",
@@ -72,11 +82,29 @@ def multiprocess_enabled() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
 
 
+# The counters' children by label values: labels() takes a lock and builds tuples on every
+# call; the label sets are few and fixed (see UNKNOWN_POLICY_LABEL), so each is looked up once.
+_DECISION_CHILDREN: dict[tuple[str, str, str, bool], Any] = {}
+
+
 def observe(decision: Decision, known_policy: bool, seconds: float) -> None:
-    reason = decision.reason.value if decision.reason is not None else ""
     policy = decision.policy if known_policy else UNKNOWN_POLICY_LABEL
-    DECISIONS.labels(policy, decision.decision, reason).inc()
+    reason = decision.reason.value if decision.reason is not None else ""
+    key = (policy, decision.decision, reason, decision.cached)
+    children = _DECISION_CHILDREN.get(key)
+    if children is None:
+        children = _DECISION_CHILDREN[key] = (
+            DECISIONS.labels(*key[:3]),
+            ALLOWS.labels("cache" if decision.cached else "verified"),
+        )
+    children[0].inc()
+    if decision.status == 200:
+        children[1].inc()
     DURATION.observe(seconds)
+
+
+def cache_entries(count: int) -> None:
+    CACHE_ENTRIES.set(count)
 
 
 def key_fetch(issuer: str, *, ok: bool, wall_time: float) -> None:

@@ -257,8 +257,10 @@ async def _heartbeats(service: Service, reporter: Reporter) -> None:
     from authd import metrics  # noqa: PLC0415 -- see `serve`
 
     while True:
-        for keys in service.current.keys.issuers.values():
+        gen = service.current
+        for keys in gen.keys.issuers.values():
             metrics.keys_usable(keys.name, keys.usable())
+        metrics.cache_entries(len(gen.authorizer.cache or ()))
         reporter.heartbeat()
         await asyncio.sleep(HEARTBEAT_SECONDS)
 

@@ -33,7 +33,7 @@ from authd.errors import Denied, Reason
 
 if TYPE_CHECKING:
     from authd.config import IssuerConfig
-    from authd.keys import Clock, KeyStore, VerifyKey
+    from authd.keys import Clock, IssuerKeys, KeyStore, VerifyKey
 
 # Well below nginx's 8 KiB header-line limit, so that the cap, not nginx, decides; a
 # Cloudflare token is kept under ~4 KiB. Checked before any decoding: a 1 MiB token
@@ -48,6 +48,15 @@ _ALGORITHMS = {
     name: alg for name, alg in get_default_algorithms().items() if name in ASYMMETRIC_ALGORITHMS
 }
 _EC_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A verified token's claims, and the key set (in its ``generation``) that verified it."""
+
+    claims: Claims
+    keys: IssuerKeys
+    generation: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,10 @@ class Verifier:
         Raises :class:`authd.errors.KeysUnavailable` when the token names a
         configured issuer whose key set is not usable: authd cannot decide.
         """
+        return (await self.verify_with_keys(token, audience)).claims
+
+    async def verify_with_keys(self, token: str, audience: tuple[str, ...]) -> Verified:
+        """As :meth:`verify`, and which key set verified the token, in which generation."""
         header_b64, payload_b64, sig_b64 = split(token)
         header = decode_json_segment(header_b64)
         alg, kid = check_header(header, self.all_algorithms)
@@ -84,9 +97,11 @@ class Verifier:
         store = self.keys.get(issuer.issuer)
         if store is None:  # the store is built from the same config; this is a bug
             raise LookupError(f"no key store for issuer {issuer.name}")
+        # Read before the key is: a set replaced while this runs must not vouch for it.
+        generation = store.generation
         key = await store.key_for(kid)
         check_signature(alg, key, f"{header_b64}.{payload_b64}".encode("ascii"), sig_b64)
-        return self._claims(payload, issuer, kid, alg, audience)
+        return Verified(self._claims(payload, issuer, kid, alg, audience), store, generation)
 
     def _claims(
         self,
@@ -96,7 +111,7 @@ class Verifier:
         alg: str,
         audience: tuple[str, ...],
     ) -> Claims:
-        exp = check_times(payload, self.clock.time(), self.leeway)
+        exp, valid_from, valid_until = check_times(payload, self.clock.time(), self.leeway)
         check_audience(payload.get("aud"), audience)
         if issuer.provider == "cloudflare" and payload.get("type") != "app":
             # The CF_Authorization cookie also carries the global session ("org") token.
@@ -109,6 +124,8 @@ class Verifier:
             kid=kid,
             alg=alg,
             exp=exp,
+            valid_from=valid_from,
+            valid_until=valid_until,
             email=email,
             sub=sub,
             service_token=service_token,
@@ -225,8 +242,16 @@ def _key_fits(alg: str, key: object) -> bool:
     return False
 
 
-def check_times(payload: Mapping[str, object], now: float, leeway: float) -> float:
-    """Check ``exp`` (required), ``nbf`` and ``iat`` (optional) strictly; return ``exp``."""
+def check_times(
+    payload: Mapping[str, object],
+    now: float,
+    leeway: float,
+) -> tuple[float, float, float]:
+    """Check ``exp`` (required), ``nbf`` and ``iat`` (optional) strictly.
+
+    Returns ``exp`` and the window of wall-clock time ``[valid_from, valid_until)`` in
+    which these checks pass (the decision cache re-checks a stored allow against it).
+    """
     exp = _numeric_date(payload, "exp", required=True)
     nbf = _numeric_date(payload, "nbf")
     iat = _numeric_date(payload, "iat")
@@ -243,7 +268,9 @@ def check_times(payload: Mapping[str, object], now: float, leeway: float) -> flo
         raise Denied(Reason.NOT_YET_VALID, f"nbf is {nbf - now:.0f}s in the future")
     if iat is not None and iat > now + leeway:
         raise Denied(Reason.ISSUED_IN_FUTURE, f"iat is {iat - now:.0f}s in the future")
-    return float(exp)
+    # Each bound is one check above solved for `now`; a test holds them equal.
+    bounds = [exp - MAX_LIFETIME_SECONDS, *(t - leeway for t in (nbf, iat) if t is not None)]
+    return float(exp), float(max(bounds)), float(exp + leeway)
 
 
 def _numeric_date(

@@ -13,7 +13,8 @@ The pieces:
 - `Upstream`: the protected application; records each request and echoes its headers as JSON.
   `FastCGIApp` and `UwsgiApp` do the same behind fastcgi_pass and uwsgi_pass.
 - `Authd`: `authd serve --config ...` with its stdout and stderr captured line by line.
-- `Nginx`: the Debian nginx with a generated nginx.conf that includes the repo's shipped snippets.
+- `Nginx`: the Debian nginx with a generated nginx.conf that includes the repo's shipped snippets
+  (or, with `microcache`, the micro-cache mode's).
 - `DevKey`: key material from `authd dev keygen`, tokens from `authd dev mint` or signed in-process.
 - `make_config` writes an authd TOML config; `running_stack` starts authd, the upstream and nginx.
 - `FakeTime`: a clock a test moves for one process (libfaketime), `ClientLoad` and `wrk_flood`:
@@ -47,6 +48,8 @@ from pathlib import Path
 from typing import IO, Any, Self, TypeVar
 
 import jwt
+
+from authd.snippets import MICROCACHE_LOG, MICROCACHE_PATH
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The shipped snippets; AUTHD_NGINX_DIR points elsewhere (an installed package's copy, say).
@@ -932,13 +935,16 @@ def make_config(  # noqa: PLR0913 - one keyword per setting of the config file
     refresh_seconds: int = 3600,
     max_stale_seconds: int = 86400,
     fetch_timeout_seconds: int = 10,
-    workers: int | None = None,
+    workers: int | str = 1,
     audit_file: Path | None = None,
+    nginx_cache_seconds: int = 0,
+    cache: Mapping[str, Any] | None = None,
     name: str = "authd.toml",
 ) -> Path:
     """Write an authd config to `tmpdir/name` and return its path.
 
     Exactly one of `jwks_url` and `jwks_file` names where the issuer's keys come from.
+    One worker unless asked (authd's default, "auto", is one per CPU): drills count per process.
     """
     if (jwks_url is None) == (jwks_file is None):
         raise ValueError("give exactly one of jwks_url and jwks_file")
@@ -946,11 +952,12 @@ def make_config(  # noqa: PLR0913 - one keyword per setting of the config file
     top = {
         "listen": listen or f"unix:{tmpdir / 'authd.sock'}",
         "leeway_seconds": leeway_seconds,
+        "workers": workers,
     }
-    if workers is not None:
-        top["workers"] = workers
     if audit_file is not None:
         top["audit_file"] = str(audit_file)
+    if nginx_cache_seconds:
+        top["nginx_cache_seconds"] = nginx_cache_seconds
     issuer_table = {
         "name": "test",
         "issuer": issuer,
@@ -963,6 +970,9 @@ def make_config(  # noqa: PLR0913 - one keyword per setting of the config file
     lines = [f"{key} = {_toml(value)}" for key, value in top.items()]
     lines += ["", "[[issuers]]"]
     lines += [f"{key} = {_toml(value)}" for key, value in issuer_table.items()]
+    if cache is not None:
+        lines += ["", "[cache]"]
+        lines += [f"{key} = {_toml(value)}" for key, value in cache.items()]
     for policy, settings in policies.items():
         lines += ["", f"[policies.{_toml_key(policy)}]"]
         lines += [f"{_toml_key(key)} = {_toml(value)}" for key, value in settings.items()]
@@ -1277,10 +1287,12 @@ class Nginx:
         authd_config: Path,
         locations: Sequence[str],
         port: int | None = None,
+        microcache: bool = False,
     ) -> None:
         self.workdir = workdir
         self.authd_config = authd_config
         self.locations = list(locations)
+        self.microcache = microcache
         self.port = port or free_port()
         self._exe = authd_executable()
         self.conf_path = workdir / "nginx.conf"
@@ -1306,6 +1318,15 @@ class Nginx:
         """The nginx.conf; it also writes the rendered location snippet it may include."""
         self.rendered_location_snippet.write_text(self._snippet("location"))
         http_snippet = self._snippet("http")
+        server_snippet = NGINX_SNIPPETS / "authd-server.conf"
+        if self.microcache:
+            # The rendered http-microcache snippet, with its cache and log in the workdir.
+            http_snippet += (
+                self._snippet("http-microcache")
+                .replace(MICROCACHE_PATH, str(self.microcache_dir))
+                .replace(MICROCACHE_LOG, str(self.microcache_log))
+            )
+            server_snippet = NGINX_SNIPPETS / "authd-server-microcache.conf"
         tmp = self.workdir / "nginx-temp"
         return _NGINX_CONF.format(
             user=_nginx_user(),
@@ -1316,9 +1337,21 @@ class Nginx:
             tmp=tmp,
             authd_http=_indent(http_snippet, 4),
             port=self.port,
-            server_snippet=NGINX_SNIPPETS / "authd-server.conf",
+            server_snippet=server_snippet,
             locations=_indent("\n".join(self.locations), 8),
         )
+
+    @property
+    def microcache_dir(self) -> Path:
+        return self.workdir / "nginx-authd-cache"
+
+    @property
+    def microcache_log(self) -> Path:
+        """Micro-cache mode's access log: a JSON line per request to a protected location."""
+        return self.workdir / "authd-access.log"
+
+    def microcache_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in _read_if_exists(self.microcache_log).splitlines()]
 
     def start(self) -> Self:
         if not NGINX_BIN.exists():
@@ -1467,8 +1500,11 @@ def running_stack(  # noqa: PLR0913 - as Authd, plus nginx's locations
     wait_ready: bool = True,
     activated: bool = False,
     env: Mapping[str, str] | None = None,
+    microcache: bool = False,
 ) -> Iterator[Stack]:
     """Start authd, the upstream and nginx; stop them all on exit, in reverse order.
+
+    With `microcache`, nginx runs the micro-cache snippets (authd needs nginx_cache_seconds).
 
     nginx gets one protected location `/<policy>/` per policy of `config`, proxying to the upstream
     (with the shipped location snippet, or for a policy with custom headers the rendered one), plus
@@ -1493,7 +1529,9 @@ def running_stack(  # noqa: PLR0913 - as Authd, plus nginx's locations
         ]
         if extra_locations is not None:
             locations += extra_locations(upstream.base_url)
-        nginx = stack.enter_context(Nginx(workdir, authd_config=config, locations=locations))
+        nginx = stack.enter_context(
+            Nginx(workdir, authd_config=config, locations=locations, microcache=microcache),
+        )
         yield Stack(workdir=workdir, config=config, authd=authd, upstream=upstream, nginx=nginx)
 
 

@@ -258,6 +258,8 @@ def verified_claims(
         kid="k",
         alg="RS256",
         exp=0,
+        valid_from=0,
+        valid_until=0,
         email="" if service_token else email,
         sub="" if service_token else "sub-1",
         service_token=service_token,

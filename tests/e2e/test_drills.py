@@ -42,7 +42,8 @@ pytestmark = pytest.mark.e2e
 ISSUER = "test"  # the issuer's name in make_config, the `issuer` label of the key metrics
 # Every decision line has exactly these members (`detail` only on refusals).
 AUDIT_MEMBERS = {
-    "decision", "status", "reason", "policy", "rule", "user", "email", "sub", "service_token",
+    "decision", "status", "reason", "policy", "rule", "cached", "user", "email", "sub",
+    "service_token",
     "iss", "kid", "token_id", "method", "uri", "host", "client_ip", "request_id", "duration_ms",
     "pid", "event", "level", "timestamp",
 }  # fmt: skip

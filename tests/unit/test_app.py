@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import falcon
 import falcon.testing
 import pytest
@@ -7,7 +9,7 @@ from authd.app import create_app
 from authd.audit import Auditor
 from authd.errors import Reason
 from authd.keys import IssuerKeys, KeyStore
-from tests.conftest import AUD, ISSUER, issuer_config, make_config, make_service
+from tests.conftest import AUD, ISSUER, NOW, issuer_config, make_config, make_service
 
 pytestmark = pytest.mark.usefixtures("store")
 
@@ -66,6 +68,7 @@ async def test_allow_answers_200_with_identity_and_one_audit_line(client, forge)
         "reason": None,
         "policy": "wiki",
         "rule": "allow_email_domains",
+        "cached": False,
         "user": "alice@example.com",
         "email": "alice@example.com",
         "iss": ISSUER,
@@ -78,7 +81,65 @@ async def test_allow_answers_200_with_identity_and_one_audit_line(client, forge)
         "duration_ms": 0,
     }
     assert len(line["token_id"]) == 16
+    assert "X-Accel-Expires" not in resp.headers  # only in micro-cache mode
     assert token not in repr(logs)
+
+
+async def test_a_repeated_token_is_a_cache_hit_with_its_own_audit_line(client, forge):
+    token = forge.valid()
+    headers = {"Cf-Access-Jwt-Assertion": token}
+    with capture_logs() as logs:
+        first = await client.simulate_get("/auth/wiki", headers=headers)
+        second = await client.simulate_get("/auth/wiki", headers=headers)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert second.headers == first.headers
+    lines = decisions(logs)
+    assert [line["cached"] for line in lines] == [False, True]
+    assert lines[1] | {"cached": False, "duration_ms": 0} == lines[0] | {"duration_ms": 0}
+
+
+async def micro_cache_answers(store, clock, *tokens_and_paths):
+    cfg = replace(
+        make_config(wiki={"audience": [AUD], "allow_email_domains": ["example.com"]}),
+        nginx_cache_seconds=30,
+    )
+    app = create_app(service=make_service(cfg, store, clock), auditor=Auditor())
+    async with falcon.testing.ASGIConductor(app) as client:
+        return [
+            await client.simulate_get(path, headers={"Cf-Access-Jwt-Assertion": token})
+            for token, path in tokens_and_paths
+        ]
+
+
+async def test_micro_cache_mode_lets_nginx_reuse_allows_until_exp_at_most(store, clock, forge):
+    long, short, refused = (
+        forge.valid(),
+        forge.valid(exp=int(NOW) + 10),
+        forge.valid(email="eve@evil.example"),
+    )
+    answers = await micro_cache_answers(
+        store,
+        clock,
+        (long, "/auth/wiki"),
+        (long, "/auth/wiki"),  # a hit in authd's own cache too
+        (short, "/auth/wiki"),
+        (refused, "/auth/wiki"),
+        ("garbage", "/auth/wiki"),
+        (long, "/auth/nope"),
+    )
+    expires = [a.headers.get("X-Accel-Expires") for a in answers]
+    # The cap; a second short of exp; never a denial (0 forbids nginx to store it at all).
+    assert expires == ["30", "30", "9", "0", "0", "0"]
+    # nginx 1.22 honours X-Accel-Expires only before Cache-Control.
+    names = [name.lower() for name, _ in answers[0].headers.items()]
+    assert names.index("x-accel-expires") < names.index("cache-control")
+
+
+async def test_micro_cache_mode_never_lets_nginx_keep_an_allow_past_exp(store, clock, forge):
+    (answer,) = await micro_cache_answers(
+        store, clock, (forge.valid(exp=int(NOW) + 1), "/auth/wiki")
+    )
+    assert (answer.status_code, answer.headers["X-Accel-Expires"]) == (200, "0")
 
 
 @pytest.mark.parametrize(
@@ -211,7 +272,7 @@ async def test_keys_unavailable_is_503_but_no_token_stays_401(config, clock, for
 
 
 class Exploding:
-    async def verify(self, _token, _audience):
+    async def verify_with_keys(self, _token, _audience):
         raise RuntimeError("a bug somewhere deep")
 
 

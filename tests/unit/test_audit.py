@@ -48,6 +48,7 @@ def test_decision_lines_are_json_with_rfc3339_utc_timestamps():
         "reason",
         "policy",
         "rule",
+        "cached",
         "user",
         "email",
         "sub",

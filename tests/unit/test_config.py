@@ -1,3 +1,4 @@
+import os
 import textwrap
 from pathlib import Path
 
@@ -39,7 +40,11 @@ def test_minimal_config_gets_documented_defaults():
     assert (issuer.max_stale_seconds, issuer.fetch_timeout_seconds) == (86400, 10)
     assert cfg.policies["wiki"].audience == (AUD,)
     assert cfg.policies["wiki"].admits_any
-    assert (cfg.workers, cfg.audit_file) == (1, None)
+    assert (cfg.workers, cfg.audit_file) == (len(os.sched_getaffinity(0)), None)
+    assert cfg.cache == config.CacheSettings(
+        enabled=True, max_entries=100_000, max_megabytes=128, max_seconds=300
+    )
+    assert cfg.nginx_cache_seconds == 0
     assert cfg.configured
 
 
@@ -47,11 +52,38 @@ def test_workers_and_audit_file():
     cfg = config.parse(minimal(workers=4, audit_file="/var/log/authd/audit.log"))
     assert (cfg.workers, str(cfg.audit_file)) == (4, "/var/log/authd/audit.log")
     assert parse_problems(minimal(workers=0)) == ["workers: must be between 1 and 64"]
-    assert parse_problems(minimal(workers=2.5)) == ["workers: expected an integer"]
-    assert parse_problems(minimal(workers=True)) == ["workers: expected an integer"]
+    assert config.parse(minimal(workers="auto")).workers == len(os.sched_getaffinity(0))
+    for wrong in (2.5, True, "4", "all"):
+        assert parse_problems(minimal(workers=wrong)) == ['workers: expected an integer or "auto"']
     assert parse_problems(minimal(audit_file="audit.log")) == [
         "audit_file: must be an absolute path",
     ]
+
+
+def test_cache_settings():
+    cfg = config.parse(
+        minimal(
+            nginx_cache_seconds=30,
+            cache={"enabled": False, "max_entries": 10, "max_megabytes": 2, "max_seconds": 60},
+        )
+    )
+    assert cfg.cache == config.CacheSettings(
+        enabled=False, max_entries=10, max_megabytes=2, max_seconds=60
+    )
+    assert cfg.nginx_cache_seconds == 30
+    assert parse_problems(
+        minimal(
+            nginx_cache_seconds=301,
+            cache={"enabled": "yes", "max_entries": 0, "max_seconds": 0, "size": 1},
+        )
+    ) == [
+        "cache.enabled: expected true or false",
+        "cache.max_entries: must be between 1 and 10000000",
+        "cache.max_seconds: must be between 1 and 86400",
+        "cache.size: unknown key",
+        "nginx_cache_seconds: must be between 0 and 300",
+    ]
+    assert parse_problems(minimal(cache=5)) == ["cache: expected a table"]
 
 
 def test_every_problem_is_reported_at_once_with_its_path():

@@ -10,6 +10,7 @@ from authd.headers import (
     encode_value,
     extract_token,
     redact_uri,
+    token_digest,
     token_id,
 )
 from authd.policy import Policy
@@ -282,9 +283,9 @@ def test_request_facts_are_sanitised_and_capped():
 
 
 def test_token_id_is_a_short_fingerprint():
-    assert len(token_id(TOK)) == 16
-    assert token_id(TOK) != token_id(OTHER)
-    assert TOK not in token_id(TOK)
+    assert len(token_id(token_digest(TOK))) == 16
+    assert token_id(token_digest(TOK)) != token_id(token_digest(OTHER))
+    assert TOK not in token_id(token_digest(TOK))
 
 
 @pytest.mark.parametrize(
