@@ -16,9 +16,6 @@ BIN := $(VENV)/bin
 # Re-install when the project's metadata changes; otherwise `make venv` does nothing.
 STAMP := $(VENV)/.installed-from-pyproject
 NGINX := /usr/sbin/nginx
-SNIPPET_CONTEXTS := http server location location-fastcgi location-uwsgi
-RENDER_SNIPPET := import sys; from authd import config, snippets; \
-    sys.stdout.write(snippets.render(sys.argv[1], config.Config()))
 
 .PHONY: venv deps test lint demo snippets clean
 
@@ -58,9 +55,7 @@ soak: deps venv
 
 # Rendered from the built-in defaults, never from a config file that happens to be installed.
 snippets: venv
-	for context in $(SNIPPET_CONTEXTS); do \
-	    $(BIN)/python -c '$(RENDER_SNIPPET)' $$context > nginx/authd-$$context.conf; \
-	done
+	$(BIN)/authd nginx-snippet --config /dev/null --directory nginx
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

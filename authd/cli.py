@@ -195,12 +195,26 @@ def _parser() -> argparse.ArgumentParser:
               location          for a protected location with proxy_pass (default)
               location-fastcgi  the same for fastcgi_pass (PHP-FPM)
               location-uwsgi    the same for uwsgi_pass
+              http-microcache   micro-cache mode: nginx's cache of allows, and an
+                                access log of who each request was let in as
+              server-microcache micro-cache mode: /_authd, reusing allows for as
+                                long as authd says (use instead of server)
             The location snippets copy and overwrite authd's default identity headers
             and every header that a policy's headers mapping adds. Without a
-            configuration file at the default path, the defaults are used."""),
+            configuration file at the default path, the defaults are used.
+
+            Micro-cache mode (nginx_cache_seconds > 0 in authd.toml) lets nginx answer
+            repeated requests of a token without asking authd; such a request writes
+            no audit line in authd, only the access log line. See the README."""),
     )
     n.add_argument("--config", type=Path, help=_CONFIG_HELP)
     n.add_argument("--context", choices=snippets.CONTEXTS, default="location")
+    n.add_argument(
+        "--directory",
+        type=Path,
+        metavar="DIR",
+        help="write every snippet into DIR as authd-CONTEXT.conf instead (for packages)",
+    )
     n.set_defaults(func=_nginx_snippet)
 
     d = sub.add_parser(
@@ -318,7 +332,11 @@ def _nginx_snippet(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         cfg = _load(args, env, sys.stderr)
     if cfg is None:
         return EXIT_CONFIG
-    sys.stdout.write(snippets.render(args.context, cfg))
+    if args.directory is None:
+        sys.stdout.write(snippets.render(args.context, cfg))
+        return 0
+    for context in snippets.CONTEXTS:
+        (args.directory / snippets.file_name(context)).write_text(snippets.render(context, cfg))
     return 0
 
 

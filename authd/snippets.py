@@ -9,18 +9,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
-from authd.config import DEFAULT_HEADER_NAMES, Config
+from authd.config import DEFAULT_HEADER_NAMES, DEFAULT_TOKEN_SOURCES, Config, TokenSource
 
 if TYPE_CHECKING:
     from authd.config import Listen
 
-Context: TypeAlias = Literal["http", "server", "location", "location-fastcgi", "location-uwsgi"]
+Context: TypeAlias = Literal[
+    "http",
+    "server",
+    "location",
+    "location-fastcgi",
+    "location-uwsgi",
+    "http-microcache",
+    "server-microcache",
+]
 CONTEXTS: tuple[Context, ...] = (
     "http",
     "server",
     "location",
     "location-fastcgi",
     "location-uwsgi",
+    "http-microcache",
+    "server-microcache",
 )
 AUTH_LOCATION = "/_authd"
 POLICY_VARIABLE = "authd_policy"  # set by the operator in each protected location
@@ -28,6 +38,12 @@ UPSTREAM = "authd"
 # Cloudflare's unsigned convenience header: anyone reaching the origin can set it, so
 # the protected location overwrites it with the verified email.
 CLOUDFLARE_EMAIL_HEADER = "Cf-Access-Authenticated-User-Email"
+# Micro-cache mode: nginx keeps allows here. /run is a tmpfs on Debian and RHEL; nginx
+# creates the directory itself, mode 0700, owned by its worker user.
+MICROCACHE_PATH = "/run/nginx-authd-cache"
+MICROCACHE_ZONE = "authd_microcache"
+ACCESS_LOG_FORMAT = "authd"
+MICROCACHE_LOG = "/var/log/nginx/authd-access.log"
 
 
 def file_name(context: Context) -> str:
@@ -39,6 +55,10 @@ def render(context: Context, config: Config) -> str:
         return render_http(config.listen)
     if context == "server":
         return render_server()
+    if context == "http-microcache":
+        return render_http_microcache(config)
+    if context == "server-microcache":
+        return render_server(microcache=config)
     return render_location(header_names(config), context)
 
 
@@ -72,9 +92,35 @@ upstream {UPSTREAM} {{
 """
 
 
-def render_server() -> str:
+def render_server(microcache: Config | None = None) -> str:
+    """The internal auth location; with ``microcache``, nginx may reuse allows (see README)."""
+    if microcache is None:
+        intro = "the internal location that asks authd for a decision."
+        caching = """\
+    # Never cache an auth answer, even if proxy_cache is set at the http or server level:
+    # its default key does not hold the token.
+    proxy_cache off;"""
+    else:
+        intro = """the internal location that asks authd for a decision,
+# in micro-cache mode: nginx reuses an allow for as long as authd's X-Accel-Expires says
+# (never past the token's exp, at most nginx_cache_seconds), and never a denial. Use it
+# instead of authd-server.conf, with authd-http-microcache.conf in the http context and
+# nginx_cache_seconds set in authd.toml."""
+        caching = f"""\
+    # The key is the policy and every place a token may come from, whole: an entry is
+    # found only by presenting the same token for the same policy.
+    proxy_cache {MICROCACHE_ZONE};
+    proxy_cache_key "{cache_key(microcache)}";
+    # Only authd's X-Accel-Expires decides (Cache-Control: no-store would come after it,
+    # which Debian 12's nginx 1.22 reads as "do not cache"); X-Accel-Expires: 0 on every
+    # denial, and a reason code, keep those out of the cache twice over.
+    proxy_ignore_headers Cache-Control Expires Set-Cookie Vary;
+    proxy_no_cache $upstream_http_x_authd_reason;
+    proxy_cache_use_stale off;
+    proxy_cache_revalidate off;
+    proxy_cache_background_update off;"""
     return f"""\
-# authd, server context: the internal location that asks authd for a decision.
+# authd, server context: {intro}
 # Include once in every server {{ }} that has a protected location.
 location = {AUTH_LOCATION} {{
     internal;
@@ -100,7 +146,59 @@ location = {AUTH_LOCATION} {{
     proxy_connect_timeout 2s;
     proxy_send_timeout 5s;
     proxy_read_timeout 5s;
+
+{caching}
 }}
+"""
+
+
+def cache_key(config: Config) -> str:
+    """The micro-cache key: the policy, then each token source's whole value."""
+    parts = [f"${POLICY_VARIABLE}"]
+    for source in config.token_sources or _default_sources():
+        if source.kind == "cookie":
+            parts.append("$http_cookie")  # every cookie: the same name may come twice
+        elif source.kind == "bearer":
+            parts.append("$http_authorization")
+        else:
+            parts.append("$http_" + source.name.lower().replace("-", "_"))
+    return "|".join(dict.fromkeys(parts))
+
+
+def _default_sources() -> tuple[TokenSource, ...]:
+    return tuple(
+        TokenSource(kind=kind, name=name)  # type: ignore[arg-type]  # from the known defaults
+        for kind, name in (text.split(":", 1) for text in DEFAULT_TOKEN_SOURCES)
+    )
+
+
+def render_http_microcache(config: Config) -> str:
+    seconds = config.nginx_cache_seconds
+    state = (
+        f"nginx_cache_seconds = {seconds} in this configuration"
+        if seconds
+        else "nginx_cache_seconds is 0 in this configuration: authd lets nginx cache nothing"
+    )
+    return f"""\
+# authd, http context, micro-cache mode: where nginx keeps the allows it may reuse, and the
+# access log format that records who each request was let in as. Include once inside
+# http {{ }}, beside authd-http.conf; use authd-server-microcache.conf instead of
+# authd-server.conf. authd says how long an allow may be reused ({state}).
+#
+# The cache files hold the cache key, which holds the token, and authd's identity headers:
+# the directory is on a tmpfs (/run), created by nginx, mode 0700, for its worker user only.
+proxy_cache_path {MICROCACHE_PATH} levels=1:2 keys_zone={MICROCACHE_ZONE}:10m max_size=64m
+                 inactive=10m use_temp_path=off;
+
+# A request answered from the cache writes no audit line in authd: this log is its record,
+# one JSON line per request to a protected location, with who it was let in as ($authd_cache
+# is HIT when nginx reused an allow). No $request or $request_uri: a token may be in the URL.
+# It applies to every server that has no access_log of its own; a server that has one needs
+# this line too.
+log_format {ACCESS_LOG_FORMAT} escape=json '{{"time":"$time_iso8601","client_ip":"$remote_addr",'
+    '"method":"$request_method","uri":"$uri","status":$status,"policy":"$authd_policy",'
+    '"user":"$authd_user","cache":"$authd_cache","request_id":"$request_id"}}';
+access_log {MICROCACHE_LOG} {ACCESS_LOG_FORMAT} if=$authd_policy;
 """
 
 
@@ -112,6 +210,8 @@ def render_location(names: list[str], context: Context) -> str:
         # X-Authd-Policy is the location's own $authd_policy: nginx has it already.
         if variable(n) != POLICY_VARIABLE
     ]
+    # HIT when the answer came from nginx's micro-cache (empty without it): for the access log.
+    lines.append("auth_request_set $authd_cache $upstream_cache_status;")
     if flavour == "proxy":
         sets = [f"proxy_set_header {n} ${variable(n)};" for n in names]
         sets.append(f"proxy_set_header {CLOUDFLARE_EMAIL_HEADER} $authd_email;")

@@ -97,10 +97,12 @@ def test_install_creates_user_socket_and_protected_config(debian):
 def test_install_leaves_nginx_alone(debian, nginx_before):
     assert debian.out("nginx -T 2>/dev/null") == nginx_before
     assert debian.out("ls /etc/nginx/authd").split() == [
+        "authd-http-microcache.conf",
         "authd-http.conf",
         "authd-location-fastcgi.conf",
         "authd-location-uwsgi.conf",
         "authd-location.conf",
+        "authd-server-microcache.conf",
         "authd-server.conf",
     ]
     assert "server unix:/run/authd/authd.sock;" in debian.out(

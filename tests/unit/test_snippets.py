@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from authd import snippets
+from authd import cli, snippets
 from authd.config import Config, parse
 
 SHIPPED = Path(__file__).resolve().parents[2] / "nginx"
@@ -84,3 +84,51 @@ def test_server_snippet_is_internal_bodiless_and_fails_closed_quickly():
         "proxy_read_timeout 5s;",
     ]:
         assert line in text
+    # An operator's proxy_cache at the http or server level must not reach the auth answers.
+    assert "proxy_cache off;" in text
+
+
+def test_micro_cache_keys_on_the_policy_and_every_token_source_whole():
+    cfg = parse(
+        {
+            "nginx_cache_seconds": 20,
+            "token_sources": ["header:X-Goog-Iap-Jwt-Assertion", "cookie:session", "bearer"],
+        }
+    )
+    text = snippets.render("server-microcache", cfg)
+    key = "$authd_policy|$http_x_goog_iap_jwt_assertion|$http_cookie|$http_authorization"
+    assert f'proxy_cache_key "{key}";' in text
+    assert "proxy_cache off;" not in text
+    for line in [
+        "proxy_cache authd_microcache;",
+        "proxy_ignore_headers Cache-Control Expires Set-Cookie Vary;",
+        "proxy_no_cache $upstream_http_x_authd_reason;",
+        "proxy_cache_use_stale off;",
+    ]:
+        assert line in text
+    # The rest of the auth location is the plain one's.
+    plain = snippets.render("server", cfg)
+    assert (
+        text.split("proxy_read_timeout 5s;")[0].split("{", 1)[1]
+        == plain.split("proxy_read_timeout 5s;")[0].split("{", 1)[1]
+    )
+
+
+def test_micro_cache_http_snippet_keeps_the_cache_private_and_logs_every_request():
+    text = snippets.render("http-microcache", parse({"nginx_cache_seconds": 20}))
+    assert "proxy_cache_path /run/nginx-authd-cache levels=1:2 keys_zone=authd_microcache" in text
+    assert "nginx_cache_seconds = 20" in text
+    assert "access_log /var/log/nginx/authd-access.log authd if=$authd_policy;" in text
+    log_format = text.split("log_format", 1)[1].split(";", 1)[0]
+    assert "$uri" in log_format
+    assert "$request" not in log_format.replace("$request_method", "").replace("$request_id", "")
+    assert "authd lets nginx cache nothing" in snippets.render("http-microcache", Config())
+
+
+def test_every_snippet_into_a_directory(tmp_path):
+    config = tmp_path / "authd.toml"
+    config.write_text('listen = "unix:/run/authd/authd.sock"\n')
+    assert cli.main(["nginx-snippet", "--config", str(config), "--directory", str(tmp_path)]) == 0
+    written = sorted(p.name for p in tmp_path.glob("authd-*.conf"))
+    assert written == sorted(snippets.file_name(c) for c in snippets.CONTEXTS)
+    assert "server unix:/run/authd/authd.sock;" in (tmp_path / "authd-http.conf").read_text()
