@@ -91,9 +91,15 @@ def _parser() -> argparse.ArgumentParser:
             Until the configuration has an issuer and a policy, authd runs, says it is
             not configured, and denies every request.
 
-            workers = N (default 1) runs N serving processes on the one socket under a
-            supervisor. Keys, cooldowns and caches are per process: "one refetch per
-            cooldown" holds per worker. /metrics adds up all workers.
+            workers = N runs N serving processes on the one socket under a supervisor
+            (default "auto": one per CPU; 1 serves in this process). Keys, cooldowns and
+            the decision cache are per process: "one refetch per cooldown" holds per
+            worker. /metrics adds up all workers.
+
+            Every allow is kept in a decision cache ([cache]) and served again, audited,
+            while the token is valid, at most max_seconds, until the issuer's keys change
+            or a reload. With nginx_cache_seconds > 0, nginx may reuse allows itself
+            (micro-cache mode, see `authd nginx-snippet --help`).
 
             Output: one JSON line per decision (event "decision") and per other event
             (startup, key fetches, errors) on standard output; decision lines go to
