@@ -228,6 +228,11 @@ class Container:
     def show(self, unit: str, prop: str) -> str:
         return self.out(f"systemctl show --value -p {prop} {shlex.quote(unit)}")
 
+    def authd_status(self) -> str:
+        """authd.service's status line, without the "N workers; " of a supervisor (workers
+        default to one per CPU, so how many there are depends on the machine)."""
+        return re.sub(r"^\d+ workers; ", "", self.show("authd.service", "StatusText"))
+
     def wait_until(self, what: str, predicate: object, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -69,7 +69,7 @@ def test_install_enables_and_starts_both_units_unconfigured(debian):
         ),
     )
     # Not configured yet: it runs, says so, and denies.
-    assert c.show("authd.service", "StatusText").startswith("not configured")
+    assert c.authd_status().startswith("not configured")
     assert authd_socket_get(c, "/auth/anything").status in {401, 403}
     assert authd_socket_get(c, "/healthz").status == 200
 
@@ -116,7 +116,7 @@ def configured(debian):
     debian.run("systemctl reload authd.service")
     debian.wait_until(
         "the reloaded configuration",
-        lambda: debian.show("authd.service", "StatusText").startswith("ready"),
+        lambda: debian.authd_status().startswith("ready"),
     )
     return debian
 
@@ -170,7 +170,7 @@ def test_ready_is_sent_after_the_keys_are_loaded(configured):
         restart(c)  # returns once systemd has READY=1
         took = time.monotonic() - started
         assert took >= 3, f"systemctl restart returned after {took:.1f} s, before the keys"
-        assert c.show("authd.service", "StatusText") == "ready: keys loaded for 1 issuer(s)"
+        assert c.authd_status() == "ready: keys loaded for 1 issuer(s)"
         assert authd_socket_get(c, "/readyz").status == 200
         assert get_token(c, mint(c)).status == 200
     finally:
@@ -192,7 +192,7 @@ def test_a_hung_key_endpoint_does_not_time_the_start_out(configured):
         took = time.monotonic() - started
         assert took < 30, f"the start took {took:.1f} s"
         assert c.out("systemctl is-active authd.service") == "active"
-        assert c.show("authd.service", "StatusText").startswith("waiting for keys")
+        assert c.authd_status().startswith("waiting for keys")
         assert authd_socket_get(c, "/readyz").status == 503
         # authd answers 503 for a token it cannot check yet; nginx turns that into 500.
         assert get_token(c, mint(c)).status == 500
@@ -220,7 +220,7 @@ def test_keys_over_https_through_the_proxy_with_the_system_ca_store(configured):
     write_config(c, config(jwks=f'jwks_url = "https://{host}/certs"'))
     try:
         restart(c)
-        assert c.show("authd.service", "StatusText") == "ready: keys loaded for 1 issuer(s)"
+        assert c.authd_status() == "ready: keys loaded for 1 issuer(s)"
         assert f"CONNECT {host}:443" in c.out("cat /root/proxy.log")
         assert get_token(c, mint(c)).status == 200
     finally:
