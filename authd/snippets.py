@@ -84,8 +84,10 @@ def render_http(listen: Listen) -> str:
 # Rendered for listen = "{listen}" by `authd nginx-snippet --context http`.
 upstream {UPSTREAM} {{
     server {server};
-    # Reuse connections: an auth subrequest per request must not cost a connect.
-    keepalive 16;
+    # Reuse connections: an auth subrequest per request must not cost a connect. The idle
+    # connections kept per nginx worker: as many as auth subrequests may be in flight at once
+    # (with 16, 32 busy clients made every other subrequest a new connection: 20% slower).
+    keepalive 64;
     # nginx closes an idle connection before authd would (authd keeps them 75 s).
     keepalive_timeout 60s;
 }}

@@ -446,7 +446,7 @@ def soak(workdir: Path, args: argparse.Namespace) -> bool:
             refetch_cooldown_seconds=args.cooldown,
             max_stale_seconds=args.max_stale,
             fetch_timeout_seconds=2,
-            workers=args.workers if args.workers > 1 else None,
+            workers=args.workers,
             audit_file=audit,
         )
         with Authd(config) as authd:

@@ -68,7 +68,7 @@ def test_cgi_variants_use_http_params(context, directive):
 def test_http_snippet_points_at_the_listen_address():
     assert "server unix:/run/authd/authd.sock;" in snippets.render("http", custom())
     assert "server 127.0.0.1:9180;" in snippets.render("http", Config())
-    assert "keepalive 16;" in snippets.render("http", Config())
+    assert "keepalive 64;" in snippets.render("http", Config())
 
 
 def test_server_snippet_is_internal_bodiless_and_fails_closed_quickly():
