@@ -6,6 +6,8 @@
 #   make demo    authd behind a private nginx on loopback, with a few requests explained
 #   make soak    authd behind nginx at 80% of its capacity for 10 minutes while the key endpoint
 #                flaps; every answer checked (not in CI; SOAK_ARGS="--duration 60" for a short run)
+#   make bench   authd's speed through real nginx with wrk, as ratios to a zero-cost auth server
+#                measured in the same run (~7 minutes; BENCH_ARGS="--smoke" for a quick check)
 #   make snippets  re-render nginx/*.conf, the snippets for the default configuration
 #   make clean   remove the venv and caches
 
@@ -52,6 +54,11 @@ demo: deps venv
 .PHONY: soak
 soak: deps venv
 	$(BIN)/python devtools/soak.py $(SOAK_ARGS)
+
+# The method and the report: devtools/bench.py (--help for its options).
+.PHONY: bench
+bench: deps venv
+	$(BIN)/python devtools/bench.py $(BENCH_ARGS)
 
 # Rendered from the built-in defaults, never from a config file that happens to be installed.
 snippets: venv

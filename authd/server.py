@@ -196,25 +196,25 @@ def serve(
         started=(started,),
         closing=(closing,),
     )
-    server = _Server(
-        uvicorn.Config(
-            app,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            log_config=None,  # logging is configured by authd.audit: JSON lines
-            access_log=False,  # the audit line is the access log
-            server_header=False,
-            date_header=False,
-            proxy_headers=False,
-            # nginx closes idle upstream connections after 60 s (authd-http.conf); staying
-            # open longer means authd never closes one that nginx is about to reuse.
-            timeout_keep_alive=75,
-            timeout_graceful_shutdown=DRAIN_SECONDS,
-        ),
-        reporter,
-    )
+    server = _Server(uvicorn.Config(app, **UVICORN_SETTINGS), reporter)
     server.run(sockets=[sock])
+
+
+# How authd runs uvicorn (devtools/bench.py serves its floor row with the same).
+UVICORN_SETTINGS: dict[str, Any] = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "lifespan": "on",
+    "log_config": None,  # logging is configured by authd.audit: JSON lines
+    "access_log": False,  # the audit line is the access log
+    "server_header": False,
+    "date_header": False,
+    "proxy_headers": False,
+    # nginx closes idle upstream connections after 60 s (authd-http.conf); staying open
+    # longer means authd never closes one that nginx is about to reuse.
+    "timeout_keep_alive": 75,
+    "timeout_graceful_shutdown": DRAIN_SECONDS,
+}
 
 
 class _Server(uvicorn.Server):
