@@ -145,7 +145,7 @@ class CacheSettings:
 
     enabled: bool = True
     max_entries: int = 100_000
-    max_megabytes: float = 128
+    max_megabytes: float = 256
     max_seconds: float = 300
 
 

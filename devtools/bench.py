@@ -42,9 +42,9 @@ warm-up too; anything else fails the benchmark (exit status 1).
 
 Also measured:
 
-- added latency at 1 connection: wrk -t1 -c1 for baseline and warm, one run each: p50 and p99,
-  and authd's p50 minus the baseline's, which is what one request waits for authd when the
-  machine is otherwise idle;
+- added latency at 1 connection: wrk -t1 -c1 for baseline, asgi_floor and warm, one run each:
+  p50 and p99, and authd's p50 minus the baseline's, which is what one request waits for authd
+  when the machine is otherwise idle (asgi_floor's shows how much of it is uvicorn's);
 - memory after --rss-decisions (100000) distinct cached decisions: sent straight to authd's
   socket (no nginx) on 8 connections; each worker's VmRSS and RssAnon (/proc/PID/status), right
   after start and after the decisions, and the authd_decision_cache_entries gauge (the sum over
@@ -167,12 +167,11 @@ class Row:
 
 
 BASELINE = Row("baseline", "zero-cost auth server: nginx `return 200;`", authd=False)
+FLOOR = Row("asgi_floor", "uvicorn as authd runs it, an app doing nothing", authd=False, floor=True)
 WARM = Row("warm", f"authd, {WARM_USERS} tokens cycled, decision cache on (the defaults)")
 ROWS = (
     BASELINE,
-    Row(
-        "asgi_floor", "uvicorn as authd runs it, an ASGI app doing nothing", authd=False, floor=True
-    ),
+    FLOOR,
     WARM,
     Row("cold", "authd restarted, every request a new token (RS256 check each)", cold=True),
     Row("cache_off", f"authd, {WARM_USERS} tokens cycled, [cache] enabled = false", cache=False),
@@ -817,7 +816,7 @@ def run_rounds(bench: Bench) -> list[dict[str, Run]]:
 def run_latency(bench: Bench) -> dict[str, Run]:
     """Baseline and warm with one connection: what one request waits for, with no queue."""
     runs = {}
-    for row in (BASELINE, WARM):
+    for row in (BASELINE, FLOOR, WARM):
         progress(f"1 connection: {row.name}")
         runs[row.name] = run = bench.measure(row, Shape(1, 1), bench.args.duration)
         progress(f"  {describe(run)}")
@@ -1027,11 +1026,13 @@ def render(report: Report) -> str:
 
 
 def render_extras(report: Report) -> list[str]:
-    base, warm, mem = report.latency[BASELINE.name], report.latency[WARM.name], report.memory
+    base, floor, warm = (report.latency[row.name] for row in (BASELINE, FLOOR, WARM))
+    mem = report.memory
     starts = report.starts
     out = [
         f"added latency at 1 connection (wrk -t1 -c1, {report.args.duration} s each):",
         f"  baseline    p50 {_ms(base.p50_ms)} ms  p99 {_ms(base.p99_ms)} ms",
+        f"  asgi_floor  p50 {_ms(floor.p50_ms)} ms  p99 {_ms(floor.p99_ms)} ms",
         f"  authd warm  p50 {_ms(warm.p50_ms)} ms  p99 {_ms(warm.p99_ms)} ms",
         f"  authd adds  {_ms(report.added_p50_ms)} ms at p50",
     ]

@@ -34,7 +34,7 @@ def test_the_smoke_run_measures_every_row_correctly(tmp_path):
 
     assert set(report["rows"]) == ROWS
     runs = [run for row in report["rows"].values() for run in row["rounds"]]
-    runs += [report["latency_1_connection"][name] for name in ("baseline", "warm")]
+    runs += [report["latency_1_connection"][name] for name in ("baseline", "asgi_floor", "warm")]
     for run in runs:
         assert run["requests"] > 0, run
         assert run["non_2xx"] == 0, run

@@ -42,7 +42,7 @@ def test_minimal_config_gets_documented_defaults():
     assert cfg.policies["wiki"].admits_any
     assert (cfg.workers, cfg.audit_file) == (len(os.sched_getaffinity(0)), None)
     assert cfg.cache == config.CacheSettings(
-        enabled=True, max_entries=100_000, max_megabytes=128, max_seconds=300
+        enabled=True, max_entries=100_000, max_megabytes=256, max_seconds=300
     )
     assert cfg.nginx_cache_seconds == 0
     assert cfg.configured
