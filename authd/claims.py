@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 _MISSING = object()
+_NO_PAYLOAD: Mapping[str, object] = types.MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,22 @@ class Claims:
     email: str  # "" for service tokens
     sub: str  # "" for service tokens
     service_token: str  # the service token's client id (common_name); "" for users
+
+    def without_payload(self) -> Claims:
+        """The same verified facts without the token's payload (for the decision cache)."""
+        return Claims(
+            _NO_PAYLOAD,
+            self.issuer_name,
+            self.iss,
+            self.kid,
+            self.alg,
+            self.exp,
+            self.valid_from,
+            self.valid_until,
+            self.email,
+            self.sub,
+            self.service_token,
+        )
 
     @property
     def user(self) -> str:

@@ -6,9 +6,7 @@ Everything a request can end in is a ``Decision`` value; the HTTP resource and t
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -46,9 +44,6 @@ class Decision:
         if self.status == 200:
             return "allow"
         return "deny" if self.status < 500 else "error"
-
-
-_NO_PAYLOAD: Mapping[str, object] = types.MappingProxyType({})
 
 
 class Authorizer:
@@ -127,7 +122,19 @@ class Authorizer:
                 token_id=tid,
                 exc_info=sys.exc_info(),  # type: ignore[arg-type]  # inside except: never None
             )
-        decision = Decision(
+        if self.cache is not None:
+            # What a hit needs, and no more: the payload (up to a few KiB) stays behind.
+            hit = Decision(
+                status=200,
+                policy=policy,
+                headers=headers,
+                claims=claims.without_payload(),
+                token_id=tid,
+                rule=rule,
+                cached=True,
+            )
+            self.cache.put(digest, policy, hit, verified)
+        return Decision(
             status=200,
             policy=policy,
             headers=headers,
@@ -135,12 +142,3 @@ class Authorizer:
             token_id=tid,
             rule=rule,
         )
-        if self.cache is not None:
-            # What a hit needs, and no more: the payload (up to a few KiB) stays behind.
-            hit = dataclasses.replace(
-                decision,
-                claims=dataclasses.replace(claims, payload=_NO_PAYLOAD),
-                cached=True,
-            )
-            self.cache.put(digest, policy, hit, verified)
-        return decision

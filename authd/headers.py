@@ -181,7 +181,8 @@ def encode_value(value: str, *, in_list: bool = False) -> str:
         except UnicodeEncodeError as ex:  # lone surrogates from "\ud800" escapes in JSON
             raise Denied(Reason.UNSAFE_CLAIM_VALUE, "identity value is not valid Unicode") from ex
     # HTTP strips leading and trailing blanks from a header value; keep them visible.
-    encoded = _EDGE_BLANKS.sub(lambda m: "%20" * len(m.group()), encoded)
+    if encoded[:1] == " " or encoded[-1:] == " ":
+        encoded = _EDGE_BLANKS.sub(lambda m: "%20" * len(m.group()), encoded)
     if len(encoded) > MAX_HEADER_VALUE_BYTES:
         raise Denied(Reason.UNSAFE_CLAIM_VALUE, f"identity value over {MAX_HEADER_VALUE_BYTES} B")
     return encoded
