@@ -7,7 +7,7 @@ same text for the operator's configuration, custom identity headers included.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias, get_args
 
 from authd.config import DEFAULT_HEADER_NAMES, DEFAULT_TOKEN_SOURCES, Config, TokenSource
 
@@ -23,15 +23,7 @@ Context: TypeAlias = Literal[
     "http-microcache",
     "server-microcache",
 ]
-CONTEXTS: tuple[Context, ...] = (
-    "http",
-    "server",
-    "location",
-    "location-fastcgi",
-    "location-uwsgi",
-    "http-microcache",
-    "server-microcache",
-)
+CONTEXTS: tuple[Context, ...] = get_args(Context)
 AUTH_LOCATION = "/_authd"
 POLICY_VARIABLE = "authd_policy"  # set by the operator in each protected location
 UPSTREAM = "authd"

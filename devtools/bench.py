@@ -109,7 +109,7 @@ from typing import Any, Self
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from authd import dev, snippets
-from devtools.soak import WrkResult, lua_string
+from devtools.soak import lua_string, run_wrk_script
 from devtools.stack import (
     DEFAULT_ISSUER,
     NGINX_BIN,
@@ -362,18 +362,16 @@ def run_wrk(  # noqa: PLR0913 - where, what and how
         .replace("@OUT@", lua_string(str(out)))
         .replace("@KIND@", KIND)
     )
-    argv = ["wrk", f"-t{shape.threads}", f"-c{shape.connections}", f"-d{seconds}s"]
-    completed = subprocess.run(
-        [*argv, "--latency", "--timeout", "10s", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 120,
-        check=False,
+    result = run_wrk_script(
+        script,
+        out,
+        url,
+        threads=shape.threads,
+        connections=shape.connections,
+        seconds=seconds,
+        extra=("--latency",),
     )
-    if completed.returncode != 0 or not out.exists():
-        raise StackError(f"wrk failed ({completed.returncode}):\n{completed.stderr}")
     raw = json.loads(out.read_text())
-    result = WrkResult.parse(raw)
     return Run(
         row=row,
         shape=str(shape),

@@ -56,6 +56,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,30 @@ end
 """
 
 
+def run_wrk_script(  # noqa: PLR0913 -- wrk's own options
+    script: Path,
+    out: Path,
+    url: str,
+    *,
+    threads: int,
+    connections: int,
+    seconds: int,
+    extra: Sequence[str] = (),
+) -> WrkResult:
+    """Run wrk with a generated Lua `script` whose done() writes its report to `out`."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", *extra]
+    completed = subprocess.run(
+        [*argv, "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+        check=False,
+    )
+    if completed.returncode != 0 or not out.exists():
+        raise StackError(f"wrk failed ({completed.returncode}):\n{completed.stderr}")
+    return WrkResult.parse(json.loads(out.read_text()))
+
+
 def lua_string(text: str) -> str:
     return json.dumps(text)[1:-1]  # a JSON string body is a valid Lua string body for ASCII
 
@@ -329,17 +354,14 @@ class Stack:
             .replace("@INVALID@", entries)
         )
         a = self.args
-        argv = ["wrk", f"-t{a.threads}", f"-c{a.connections}", f"-d{seconds}s", "--timeout", "10s"]
-        completed = subprocess.run(
-            [*argv, "-s", str(script), self.nginx.url],
-            capture_output=True,
-            text=True,
-            timeout=seconds + 120,
-            check=False,
+        return run_wrk_script(
+            script,
+            out,
+            self.nginx.url,
+            threads=a.threads,
+            connections=a.connections,
+            seconds=seconds,
         )
-        if completed.returncode != 0 or not out.exists():
-            raise StackError(f"wrk failed ({completed.returncode}):\n{completed.stderr}")
-        return WrkResult.parse(json.loads(out.read_text()))
 
 
 # --- observing authd --------------------------------------------------------------------------
