@@ -137,7 +137,12 @@ def test_nginx_location_is_protected_through_socket_activation(configured):
     assert ok.status == 200, ok
     assert "email=alice@example.com user=alice@example.com policy=app" in ok.body
     assert "cf=alice@example.com" in ok.body
-    assert c.out("systemctl is-active authd.service") == "active"
+    # With workers, the first one answers while the supervisor still waits for the others
+    # before it says READY=1 (the service is "activating" until then).
+    c.wait_until(
+        "authd.service active",
+        lambda: c.out("systemctl is-active authd.service", check=False) == "active",
+    )
     assert "authd.socket" in c.show("authd.service", "TriggeredBy")
 
     denied = get(c)
