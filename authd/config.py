@@ -176,6 +176,12 @@ class Config:
             out.append("issuers: none configured: every token is refused (401)")
         if not self.policies:
             out.append("policies: none configured: every request is refused (403 unknown_policy)")
+        if self.nginx_cache_seconds:
+            out.append(
+                f"nginx_cache_seconds: nginx may answer a token's repeats from its own cache for "
+                f"up to {self.nginx_cache_seconds} s (with authd-server-microcache.conf); those "
+                "requests write no audit line in authd, only nginx's authd-access.log line",
+            )
         for policy in self.policies.values():
             if policy.headers:
                 names = ", ".join(name for name, _ in policy.headers)

@@ -71,6 +71,7 @@ def test_cache_settings():
         enabled=False, max_entries=10, max_megabytes=2, max_seconds=60
     )
     assert cfg.nginx_cache_seconds == 30
+    assert any(w.startswith("nginx_cache_seconds: nginx may answer") for w in cfg.warnings())
     assert parse_problems(
         minimal(
             nginx_cache_seconds=301,
