@@ -84,10 +84,15 @@ with atheris.instrument_imports(include=["authd"]):
     from authd.errors import Denied
     from authd.headers import extract_token
     from authd.keys import Fetched, IssuerKeys, KeyStore
-    from authd.verify import ALLOWED_HEADER_MEMBERS, MAX_LIFETIME_SECONDS, MAX_TOKEN_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+# The reference's own copy of authd's documented limits (README: reason codes), written down
+# again rather than imported: a change to authd's values must show up as a disagreement.
+MAX_TOKEN_BYTES = 6144
+ALLOWED_HEADER_MEMBERS = frozenset({"alg", "kid", "typ"})
+MAX_LIFETIME_SECONDS = 400 * 86400
 
 NOW = 1_800_000_000.0
 ISSUER = "https://issuer.fuzz.invalid"  # no run of 18 bytes in common with the suite's tokens
