@@ -23,7 +23,8 @@ import structlog
 from authd import __version__, audit, config, dev, logs, snippets, systemd
 from authd.decision import Authorizer, Decision
 from authd.errors import ConfigError, Denied
-from authd.keys import KeyStore, SystemClock, make_http_client
+from authd.fetch import make_http_client
+from authd.keys import KeyStore, SystemClock
 from authd.verify import decode_json_segment, split
 
 if TYPE_CHECKING:

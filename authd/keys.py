@@ -16,15 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
-import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
-import httpx
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -32,15 +29,17 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidKeyError
 
-from authd import __version__
+from authd import fetch
 from authd.errors import Denied, FetchError, KeysUnavailable, Reason
+from authd.fetch import MAX_BODY_BYTES, Fetched
 
 if TYPE_CHECKING:
+    import httpx
+
     from authd.config import IssuerConfig
 
 log = structlog.get_logger("authd.keys")
 
-MAX_BODY_BYTES = 1 << 20  # cloudflared's cap; a real key set is a few KiB
 MIN_RSA_BITS = 2048
 MIN_REFRESH_SECONDS = 60.0  # floor for Cache-Control: max-age
 MAX_KID_LENGTH = 256
@@ -73,12 +72,6 @@ class SystemClock:
 FetchObserver: TypeAlias = "Callable[[IssuerKeys, bool], None]"
 
 
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    body: bytes
-    max_age: float | None = None
-
-
 class KeySource(Protocol):
     """Where one issuer's key set document comes from."""
 
@@ -101,11 +94,7 @@ class VerifyKey:
 
 
 class HttpSource:
-    """HTTPS fetch with cloudflared's hygiene: no redirects, a size cap, a total timeout.
-
-    The client honours ``HTTPS_PROXY``/``NO_PROXY`` and uses the system's CA store
-    through httpx's defaults (``trust_env``).
-    """
+    """A key set document at an HTTPS URL, fetched with :func:`authd.fetch.get`'s hygiene."""
 
     def __init__(self, client: httpx.AsyncClient, url: str, timeout: float) -> None:
         self.client = client
@@ -113,33 +102,7 @@ class HttpSource:
         self.timeout = timeout
 
     async def fetch(self) -> Fetched:
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await self._fetch()
-        except (TimeoutError, httpx.TimeoutException) as ex:
-            raise FetchError(f"timed out after {self.timeout:g}s") from ex
-        except httpx.HTTPError as ex:
-            raise FetchError(f"{type(ex).__name__}: {ex}") from ex
-
-    async def _fetch(self) -> Fetched:
-        # httpx's own timeouts (5 s per phase by default) would cut fetch_timeout_seconds
-        # short: each phase may take as long as the whole fetch, which asyncio bounds above.
-        async with self.client.stream("GET", self.url, timeout=self.timeout) as resp:
-            if resp.status_code != 200:
-                where = resp.headers.get("location")
-                detail = f" (redirect to {where!r} refused)" if where else ""
-                raise FetchError(f"HTTP {resp.status_code}{detail}")
-            declared = resp.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-                raise FetchError(f"body of {declared} bytes is over the {MAX_BODY_BYTES} cap")
-            body = bytearray()
-            # Decoded bytes (the endpoint may gzip), capped as they arrive: a
-            # decompression bomb stops at the cap like any other oversized body.
-            async for chunk in resp.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise FetchError(f"body is over the {MAX_BODY_BYTES} byte cap")
-            return Fetched(bytes(body), _max_age(resp.headers.get("cache-control", "")))
+        return await fetch.get(self.client, self.url, self.timeout)
 
 
 class FileSource:
@@ -162,23 +125,6 @@ def _read_capped(path: Path) -> bytes:
     if len(body) > MAX_BODY_BYTES:
         raise FetchError(f"{path} is over the {MAX_BODY_BYTES} byte cap")
     return body
-
-
-def make_http_client() -> httpx.AsyncClient:
-    """The key fetcher's client: the system's CA store (not certifi's copy), which an
-    administrator maintains, and HTTPS_PROXY/NO_PROXY from the environment."""
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        trust_env=True,
-        verify=ssl.create_default_context(),  # OpenSSL's paths; SSL_CERT_FILE/DIR override
-        headers={"User-Agent": f"authd/{__version__}", "Accept": "application/json"},
-        limits=httpx.Limits(max_connections=10, max_keepalive_connections=2),
-    )
-
-
-def _max_age(cache_control: str) -> float | None:
-    m = re.search(r"(?:^|[,\s])max-age\s*=\s*\"?(\d{1,9})", cache_control, re.IGNORECASE)
-    return float(m.group(1)) if m else None
 
 
 def parse_key_set(body: bytes) -> tuple[dict[str, VerifyKey], list[str]]:

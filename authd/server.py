@@ -151,7 +151,8 @@ def serve(
     """Serve ``sock`` in this process until SIGTERM/SIGINT; SIGHUP reloads in place."""
     # Imported here, in the serving process, after `run` chose the metrics mode.
     from authd.app import create_app  # noqa: PLC0415
-    from authd.keys import SystemClock, make_http_client  # noqa: PLC0415
+    from authd.fetch import make_http_client  # noqa: PLC0415
+    from authd.keys import SystemClock  # noqa: PLC0415
     from authd.service import Service, record_fetch  # noqa: PLC0415
 
     audit_file = audit.AuditFile(cfg.audit_file) if cfg.audit_file is not None else None

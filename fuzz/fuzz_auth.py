@@ -82,8 +82,9 @@ with atheris.instrument_imports(include=["authd"]):
     from authd.decision import Authorizer, Decision
     from authd.dev import thumbprint
     from authd.errors import Denied
+    from authd.fetch import Fetched
     from authd.headers import extract_token
-    from authd.keys import Fetched, IssuerKeys, KeyStore
+    from authd.keys import IssuerKeys, KeyStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable

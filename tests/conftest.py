@@ -19,7 +19,8 @@ from authd.claims import Claims
 from authd.decision import Authorizer
 from authd.dev import key_set, thumbprint
 from authd.errors import FetchError
-from authd.keys import Fetched, IssuerKeys, KeyStore
+from authd.fetch import Fetched
+from authd.keys import IssuerKeys, KeyStore
 from authd.service import Generation, Service
 
 ISSUER = "https://team.cloudflareaccess.com"

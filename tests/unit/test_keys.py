@@ -28,17 +28,15 @@ from structlog.testing import capture_logs
 import authd.keys
 from authd.dev import key_set, thumbprint
 from authd.errors import Denied, FetchError, KeysUnavailable, Reason
+from authd.fetch import MAX_BODY_BYTES, Fetched, make_http_client
 from authd.keys import (
-    MAX_BODY_BYTES,
     MIN_REFRESH_SECONDS,
     RETRY_BACKOFF_SECONDS,
     UNKNOWN_KID_WAIT_SECONDS,
-    Fetched,
     FileSource,
     HttpSource,
     IssuerKeys,
     KeyStore,
-    make_http_client,
     parse_key_set,
 )
 from tests.conftest import ISSUER, FakeSource, issuer_config
