@@ -228,7 +228,11 @@ def _parser() -> argparse.ArgumentParser:
         "dev",
         help="keys and tokens for local testing",
         formatter_class=fmt,
-        description="Keys and tokens for local testing, shaped like Cloudflare Access's.",
+        description=textwrap.dedent("""\
+            Keys and tokens for local testing, shaped like those of each provider authd
+            serves: Cloudflare Access, Google IAP, an AWS ALB, a generic OIDC provider.
+              keygen   write a key pair, the public half as the provider publishes it
+              mint     print a token signed with it, shaped as the provider's"""),
     )
     dsub = d.add_subparsers(title="commands", metavar="COMMAND")
     k = dsub.add_parser(
@@ -236,52 +240,145 @@ def _parser() -> argparse.ArgumentParser:
         help="write a key pair",
         formatter_class=fmt,
         description=textwrap.dedent("""\
-            Write DIR/private.pem (RSA 2048, mode 0600) and DIR/jwks.json, the public
-            key in the shape of Cloudflare's /cdn-cgi/access/certs (keys, public_cert,
-            public_certs; the kid is the key's RFC 7638 SHA-256 thumbprint in hex).
-            Point an issuer's jwks_file at jwks.json, or serve it as jwks_url."""),
+            Write a new key pair into DIR (created if missing) for a local stand-in of an
+            identity-aware proxy, the public half laid out the way --provider publishes
+            it. DIR/private.pem is the private key (PKCS#8 PEM, mode 0600; one that is
+            there is replaced): keep it, and sign tokens with it (authd dev mint).
+
+              cloudflare (default)  RSA 2048
+                DIR/jwks.json       Cloudflare's /cdn-cgi/access/certs: keys,
+                                    public_cert, public_certs
+              google-iap            EC P-256
+                DIR/jwks.json       IAP's public_key-jwk: keys with kty EC, crv P-256,
+                                    alg ES256, use sig, kid, x, y
+              aws-alb               EC P-256
+                DIR/alb-keys/KID    the public key as PEM, as an ALB's regional key
+                                    endpoint serves it per kid (the keys of earlier
+                                    runs stay, as a rotated ALB's old kids do)
+              oidc                  RSA 2048; needs --iss
+                DIR/jwks.json       the key set (kty RSA, alg RS256, use sig, kid)
+                DIR/openid-configuration.json
+                                    the discovery document: issuer ISS,
+                                    jwks_uri ISS/jwks.json
+
+            The kid is the public key's RFC 7638 SHA-256 thumbprint in hex (aws-alb: a
+            UUID made from it, as ALB kids are UUIDs); authd dev mint computes the same
+            kid from the private key. Prints the files written and the kid."""),
+        epilog=textwrap.dedent(f"""\
+            point an issuer ([[issuers]] in authd.toml) at the public half:
+              cloudflare  jwks_file = "DIR/jwks.json" (or serve the file as jwks_url)
+              google-iap  provider = "google-iap", jwks_file = "DIR/jwks.json"
+              aws-alb     provider = "aws-alb", issuer = "{dev.DEV_ALB_ISSUER}"
+                          (mint's default), alb_keys_url = the URL serving
+                          DIR/alb-keys (plain http only on loopback)
+              oidc        provider = "oidc", issuer = ISS, and serve DIR at ISS
+                          with discovery_url = "ISS/openid-configuration.json";
+                          or jwks_file = "DIR/jwks.json"
+
+            examples:
+              authd dev keygen dev
+              authd dev keygen --provider google-iap dev-iap
+              authd dev keygen --provider aws-alb dev-alb
+              python3 -m http.server --bind 127.0.0.1 --directory dev-alb/alb-keys 8001
+              authd dev keygen --provider oidc --iss http://127.0.0.1:8002 dev-oidc
+              python3 -m http.server --bind 127.0.0.1 --directory dev-oidc 8002"""),
+    )
+    k.add_argument(
+        "--provider",
+        choices=config.PROVIDERS,
+        default="cloudflare",
+        help="whose key and layout (default cloudflare)",
+    )
+    k.add_argument(
+        "--iss",
+        metavar="URL",
+        help="oidc only: the issuer the discovery document names (https, or http on loopback)",
     )
     k.add_argument("directory", type=Path, metavar="DIR")
     k.set_defaults(func=_keygen)
+    ttl = ", ".join(f"{name} {seconds}" for name, seconds in dev.DEFAULT_TTL.items())
     m = dsub.add_parser(
         "mint",
         help="print a signed token",
         formatter_class=fmt,
         description=textwrap.dedent("""\
-            Print a Cloudflare-shaped application token signed with --key (RS256, kid
-            = the key's thumbprint, as in the keygen's jwks.json).
+            Print a token shaped like --provider's, signed with --key: the private.pem
+            of `authd dev keygen --provider` with the same provider. Its kid is computed
+            from the key, as keygen wrote it.
 
-            A user token carries aud, iss, iat, nbf, exp, type, email, sub (a UUID
-            derived from the email), identity_nonce and country ("DE"). With
-            --service-token it is a service token instead: common_name = CLIENT_ID,
-            sub = "", no email, no nbf."""),
+              cloudflare (default)  RS256; arrives as Cf-Access-Jwt-Assertion or the
+                  CF_Authorization cookie. aud (the --aud list), iss, iat, nbf, exp,
+                  type, email, sub (a UUID derived from the email), identity_nonce,
+                  country ("DE"). With --service-token, a service token instead:
+                  common_name = CLIENT_ID, sub = "", no email, no nbf.
+              google-iap  ES256; arrives as x-goog-iap-jwt-assertion. aud (one --aud),
+                  iss, iat, exp, email, sub ("accounts.google.com:" and 21 digits
+                  derived from the email), hd (the email's domain),
+                  google = {"access_levels": []}.
+              aws-alb  ES256; arrives as x-amzn-oidc-data. The header carries alg, kid,
+                  signer (--signer: the ALB's ARN), iss, client (--client), exp, typ;
+                  the payload sub, email, exp, iss. Every segment is base64url WITH
+                  '=' padding and signed as padded, as ALBs do. No aud: a policy's
+                  audience is the ALB's ARN, compared with signer.
+              oidc  RS256; arrives as Authorization: Bearer. iss (--iss, required),
+                  aud (--aud: the client id; a list if given more than once), sub,
+                  email, iat, exp.
+
+            --claim adds to (or replaces in) the payload of any provider. An option
+            that the provider's tokens have no place for is an error."""),
         epilog=textwrap.dedent(f"""\
-            defaults: --iss {dev.DEV_ISSUER}
-                      --aud {dev.DEV_AUDIENCE}
+            defaults:
+              --iss     cloudflare {dev.DEV_ISSUER}
+                        google-iap {config.GOOGLE_IAP_ISSUER}
+                        aws-alb    {dev.DEV_ALB_ISSUER}
+                        oidc       none: required
+              --aud     cloudflare {dev.DEV_AUDIENCE}
+                        google-iap {dev.DEV_IAP_AUDIENCE}
+                        oidc       {dev.DEV_OIDC_CLIENT_ID}
+              --signer  {dev.DEV_ALB_SIGNER}
+              --client  {dev.DEV_ALB_CLIENT}
+              --ttl     {ttl}
 
             examples:
               authd dev mint --key dev/private.pem --email bob@example.com \\
                   --claim custom.groups='["sre","ops"]' --claim country=NL
-              authd dev mint --key dev/private.pem --ttl -60   # expired a minute ago"""),
+              authd dev mint --key dev/private.pem --ttl -60   # expired a minute ago
+              authd dev mint --provider google-iap --key dev-iap/private.pem
+              curl -H "x-amzn-oidc-data: $(authd dev mint --provider aws-alb \\
+                  --key dev-alb/private.pem)" https://app.example.com/
+              authd dev mint --provider oidc --key dev-oidc/private.pem \\
+                  --iss http://127.0.0.1:8002 --aud wiki"""),
     )
     m.add_argument("--key", type=Path, required=True, metavar="PEM", help="private key file")
-    m.add_argument("--iss", default=dev.DEV_ISSUER, metavar="URL", help="issuer")
+    m.add_argument(
+        "--provider",
+        choices=config.PROVIDERS,
+        default="cloudflare",
+        help="whose token shape (default cloudflare)",
+    )
+    m.add_argument("--iss", metavar="URL", help="issuer (default: the provider's, see below)")
     m.add_argument(
         "--aud",
         action="append",
-        metavar="TAG",
-        help="audience tag (repeatable)",
+        default=[],
+        metavar="A",
+        help="audience: AUD tag, IAP backend service, OIDC client id (repeatable)",
     )
-    m.add_argument("--email", default="alice@example.com", metavar="E", help="user email")
+    m.add_argument("--email", default=dev.DEV_EMAIL, metavar="E", help="user email")
     m.add_argument(
         "--ttl",
         type=int,
-        default=3600,
         metavar="S",
-        help="seconds until exp (default 3600; negative: already expired)",
+        help="seconds until exp (negative: already expired)",
     )
-    m.add_argument("--type", default="app", metavar="T", help="token type (default app)")
-    m.add_argument("--service-token", metavar="CLIENT_ID", help="mint a service token")
+    m.add_argument("--type", metavar="T", help="cloudflare: token type (default app)")
+    m.add_argument(
+        "--service-token",
+        metavar="CLIENT_ID",
+        help="cloudflare: mint a service token",
+    )
+    m.add_argument("--signer", metavar="ARN", help="aws-alb: the ALB's ARN")
+    m.add_argument("--client", metavar="ID", help="aws-alb: the ALB's client id at the IdP")
     m.add_argument(
         "--claim",
         action="append",
@@ -348,29 +445,36 @@ def _nginx_snippet(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _keygen(args: argparse.Namespace, _env: Mapping[str, str]) -> int:
-    pem, jwks = dev.keygen(args.directory)
-    print(f"wrote {pem} (private, keep it) and {jwks} (public key set)")
+    try:
+        files = dev.write_keys(args.directory, args.provider, issuer=args.iss)
+    except (OSError, ValueError) as ex:
+        print(f"authd dev keygen: {ex}", file=sys.stderr)
+        return EXIT_CONFIG
+    public = " and ".join(str(path) for path in files.public)
+    print(f"wrote {files.private} (private, keep it) and {public} (public); kid {files.kid}")
     return 0
 
 
 def _mint(args: argparse.Namespace, _env: Mapping[str, str]) -> int:
     try:
-        key = dev.load_private_key(args.key)
-        extra = dict(dev.parse_claim_argument(c) for c in args.claim)
+        token = dev.mint_token(
+            args.provider,
+            args.key,
+            now=time.time(),
+            iss=args.iss,
+            aud=args.aud,
+            email=args.email,
+            ttl=args.ttl,
+            token_type=args.type,
+            service_token=args.service_token,
+            signer=args.signer,
+            client=args.client,
+            extra=dict(dev.parse_claim_argument(c) for c in args.claim),
+        )
     except (OSError, ValueError, TypeError) as ex:
         print(f"authd dev mint: {ex}", file=sys.stderr)
         return EXIT_CONFIG
-    payload = dev.claims(
-        now=time.time(),
-        iss=args.iss,
-        aud=args.aud or (dev.DEV_AUDIENCE,),
-        email=args.email,
-        ttl=args.ttl,
-        token_type=args.type,
-        service_token=args.service_token,
-        extra=extra,
-    )
-    print(dev.mint(key, payload))
+    print(token)
     return 0
 
 

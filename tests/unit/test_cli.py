@@ -1,3 +1,4 @@
+import base64
 import json
 import socket
 import stat
@@ -5,9 +6,14 @@ import subprocess
 import sys
 import time
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from authd import cli, dev
+from authd import cli, config, dev
 from authd.config import Listen
 
 
@@ -168,6 +174,175 @@ def test_keygen(capsys, tmp_path):
     assert code == 0
     assert (tmp_path / "k" / "jwks.json").exists()
     assert "private.pem" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "public"),
+    [
+        (["--provider", "cloudflare"], ["jwks.json"]),
+        (["--provider", "google-iap"], ["jwks.json"]),
+        (["--provider", "aws-alb"], ["alb-keys/{kid}"]),
+        (
+            ["--provider", "oidc", "--iss", "http://127.0.0.1:8002"],
+            ["jwks.json", "openid-configuration.json"],
+        ),
+    ],
+)
+def test_keygen_for_each_provider_says_what_it_wrote(capsys, tmp_path, argv, public):
+    code, out, err = run(capsys, "dev", "keygen", *argv, str(tmp_path))
+    assert (code, err) == (0, "")
+    kid = out.split("; kid ")[1].strip()
+    written = [str(tmp_path / name.format(kid=kid)) for name in public]
+    assert out == (
+        f"wrote {tmp_path / 'private.pem'} (private, keep it) and {' and '.join(written)} "
+        f"(public); kid {kid}\n"
+    )
+    assert sorted(str(p) for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        [str(tmp_path / "private.pem"), *written],
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--provider", "oidc"], "needs its issuer URL (--iss)"),
+        (["--provider", "oidc", "--iss", "http://idp.example.com"], "would not fetch"),
+        (["--iss", "https://idp.example.com"], "only an OIDC provider"),
+    ],
+)
+def test_keygen_refuses_a_missing_or_misplaced_issuer(capsys, tmp_path, argv, message):
+    code, out, err = run(capsys, "dev", "keygen", *argv, str(tmp_path / "k"))
+    assert (code, out) == (2, "")
+    assert err.startswith("authd dev keygen: ")
+    assert message in err
+    assert not (tmp_path / "k").exists()
+
+
+def test_keygen_refuses_an_unknown_provider(capsys, tmp_path):
+    with pytest.raises(SystemExit) as ex:
+        cli.main(["dev", "keygen", "--provider", "pomerium", str(tmp_path)])
+    assert ex.value.code == 2
+    assert "invalid choice: 'pomerium'" in capsys.readouterr().err
+
+
+def _public_jwk(directory):
+    (key,) = json.loads((directory / "jwks.json").read_text())["keys"]
+    return key
+
+
+def test_mint_for_google_iap_verifies_with_the_keygen_jwks(capsys, tmp_path):
+    run(capsys, "dev", "keygen", "--provider", "google-iap", str(tmp_path))
+    aud = "/projects/42/global/backendServices/7"
+    code, out, _ = run(
+        capsys,
+        "dev",
+        "mint",
+        "--provider=google-iap",
+        f"--key={tmp_path / 'private.pem'}",
+        f"--aud={aud}",
+        "--email=bob@corp.example",
+        '--claim=google.access_levels=["accessPolicies/1/accessLevels/corp"]',
+    )
+    assert code == 0
+    key = _public_jwk(tmp_path)
+    token = out.strip()
+    assert jwt.get_unverified_header(token)["kid"] == key["kid"]
+    claims = jwt.decode(
+        token,
+        ECAlgorithm.from_jwk(key),
+        algorithms=["ES256"],
+        audience=aud,
+        issuer=config.GOOGLE_IAP_ISSUER,
+    )
+    assert claims["google"] == {"access_levels": ["accessPolicies/1/accessLevels/corp"]}
+    assert claims["sub"].startswith("accounts.google.com:")
+    assert claims["exp"] - claims["iat"] == dev.DEFAULT_TTL["google-iap"]
+
+
+def test_mint_for_aws_alb_verifies_with_the_keygen_pem(capsys, tmp_path):
+    _, out, _ = run(capsys, "dev", "keygen", "--provider", "aws-alb", str(tmp_path))
+    kid = out.split("; kid ")[1].strip()
+    signer = "arn:aws:elasticloadbalancing:us-east-1:111122223333:loadbalancer/app/wiki/1"
+    code, out, _ = run(
+        capsys,
+        "dev",
+        "mint",
+        "--provider=aws-alb",
+        f"--key={tmp_path / 'private.pem'}",
+        f"--signer={signer}",
+        "--client=wiki",
+        "--iss=https://login.example.com",
+        "--ttl=-60",
+    )
+    assert code == 0
+    token = out.strip()
+    header, payload, signature = token.split(".")
+    assert all(len(segment) % 4 == 0 for segment in (header, payload, signature))  # padded
+    raw = base64.urlsafe_b64decode(signature)
+    public = serialization.load_pem_public_key((tmp_path / "alb-keys" / kid).read_bytes())
+    public.verify(
+        encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")),
+        f"{header}.{payload}".encode(),
+        ec.ECDSA(hashes.SHA256()),
+    )
+    members = json.loads(base64.urlsafe_b64decode(header))
+    claims = json.loads(base64.urlsafe_b64decode(payload))
+    assert (members["kid"], members["signer"], members["client"]) == (kid, signer, "wiki")
+    assert members["iss"] == claims["iss"] == "https://login.example.com"
+    assert members["exp"] == claims["exp"] < time.time()  # --ttl=-60: already expired
+
+
+def test_mint_for_oidc_verifies_with_the_keygen_jwks(capsys, tmp_path):
+    iss = "http://127.0.0.1:8002"
+    run(capsys, "dev", "keygen", "--provider", "oidc", "--iss", iss, str(tmp_path))
+    discovery = json.loads((tmp_path / "openid-configuration.json").read_text())
+    code, out, _ = run(
+        capsys,
+        "dev",
+        "mint",
+        "--provider=oidc",
+        f"--key={tmp_path / 'private.pem'}",
+        f"--iss={discovery['issuer']}",
+        "--aud=wiki",
+    )
+    assert code == 0
+    claims = jwt.decode(
+        out.strip(),
+        RSAAlgorithm.from_jwk(_public_jwk(tmp_path)),
+        algorithms=["RS256"],
+        audience="wiki",
+        issuer=iss,
+    )
+    assert claims["email"] == dev.DEV_EMAIL
+
+
+@pytest.mark.parametrize(
+    ("keygen", "mint", "message"),
+    [
+        ([], ["--provider", "google-iap"], "not an EC P-256 private key"),
+        (["--provider", "aws-alb"], [], "not an RSA private key"),
+        ([], ["--provider", "aws-alb", "--aud", "x"], "no aud"),
+        ([], ["--signer", "arn:x"], "--signer is only for --provider aws-alb"),
+        ([], ["--provider", "oidc"], "--provider oidc needs --iss"),
+        ([], ["--claim", "novalue"], "expected KEY=VALUE"),
+    ],
+)
+def test_mint_refuses_a_wrong_key_or_option(capsys, tmp_path, keygen, mint, message):
+    run(capsys, "dev", "keygen", *keygen, str(tmp_path))
+    code, out, err = run(capsys, "dev", "mint", "--key", str(tmp_path / "private.pem"), *mint)
+    assert (code, out) == (2, "")
+    assert err.startswith("authd dev mint: ")
+    assert message in err
+
+
+@pytest.mark.parametrize("command", ["keygen", "mint"])
+def test_dev_help_describes_every_provider(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main(["dev", command, "--help"])
+    out = capsys.readouterr().out
+    for provider in config.PROVIDERS:
+        assert f"\n  {provider} " in out
+    assert "examples:" in out
 
 
 def test_nginx_snippet_for_a_configuration(capsys, setup, tmp_path):
