@@ -21,6 +21,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from authd import __version__
+from authd.enrich import FETCH_RESULTS
 
 if TYPE_CHECKING:
     from authd.decision import Decision
@@ -65,6 +66,18 @@ KEYS_USABLE = Gauge(
     ["issuer"],
     multiprocess_mode="livemin",
 )
+ENRICHMENT_FETCHES = Counter(
+    "authd_enrichment_fetches",
+    "get-identity fetches by result: ok, or why the answer was not used (timeout, http_error, "
+    "transport, too_large, bad_response, mismatch).",
+    ["result"],
+)
+ENRICHMENT_CACHE_HITS = Counter(
+    "authd_enrichment_cache_hits",
+    "Enriched identities served from the get-identity cache, without a fetch.",
+)
+for _result in FETCH_RESULTS:  # every result is exported from the start, at 0
+    ENRICHMENT_FETCHES.labels(_result)
 BUILD_INFO = Gauge(
     "authd_build_info",
     "authd's version and the Python running it; always 1.",
@@ -115,6 +128,15 @@ def key_fetch(issuer: str, *, ok: bool, wall_time: float) -> None:
 
 def keys_usable(issuer: str, usable: bool) -> None:
     KEYS_USABLE.labels(issuer).set(1 if usable else 0)
+
+
+def enrichment_fetch(result: str) -> None:
+    """Count one get-identity fetch; ``result`` is one of :data:`authd.enrich.FETCH_RESULTS`."""
+    ENRICHMENT_FETCHES.labels(result).inc()
+
+
+def enrichment_cache_hit() -> None:
+    ENRICHMENT_CACHE_HITS.inc()
 
 
 def worker_exited(pid: int) -> None:
