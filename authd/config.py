@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeAlias, TypeVar, overload
+from typing import ClassVar, Literal, TypeAlias, TypeVar, get_args, overload
 
 from authd.errors import ConfigError
 
@@ -31,7 +31,36 @@ DEFAULT_TOKEN_SOURCES = ("header:Cf-Access-Jwt-Assertion", "cookie:CF_Authorizat
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"},
 )
-PROVIDERS = frozenset({"cloudflare"})
+Provider: TypeAlias = Literal["cloudflare", "google-iap", "aws-alb", "oidc"]
+PROVIDERS: tuple[Provider, ...] = get_args(Provider)
+
+# What each provider's preset sets: where its tokens arrive, how they are signed.
+PROVIDER_TOKEN_SOURCES: dict[Provider, tuple[str, ...]] = {
+    "cloudflare": DEFAULT_TOKEN_SOURCES,  # the top-level token_sources, when given
+    "google-iap": ("header:x-goog-iap-jwt-assertion",),
+    "aws-alb": ("header:x-amzn-oidc-data",),
+    "oidc": ("bearer",),
+}
+PROVIDER_ALGORITHMS: dict[Provider, tuple[str, ...]] = {
+    "cloudflare": ("RS256",),
+    "google-iap": ("ES256",),
+    "aws-alb": ("ES256",),
+    "oidc": ("RS256",),
+}
+PROVIDER_GROUPS_CLAIMS: dict[Provider, str] = {
+    "cloudflare": "custom.groups",
+    "google-iap": "groups",
+    "aws-alb": "groups",
+    "oidc": "groups",
+}
+GOOGLE_IAP_ISSUER = "https://cloud.google.com/iap"
+GOOGLE_IAP_JWKS_URL = "https://www.gstatic.com/iap/verify/public_key-jwk"
+ALB_KEYS_URL = "https://public-keys.auth.elb.{region}.amazonaws.com"
+OIDC_DISCOVERY_PATH = "/.well-known/openid-configuration"
+GET_IDENTITY_PATH = "/cdn-cgi/access/get-identity"
+# Well below the nginx snippet's proxy_read_timeout (5 s), like the unknown-kid wait.
+DEFAULT_GET_IDENTITY_TIMEOUT = 2.0
+MAX_GET_IDENTITY_TIMEOUT = 4.0
 
 # The identity headers authd always owns; a policy's ``headers`` may add others.
 DEFAULT_HEADER_NAMES = (
@@ -42,11 +71,14 @@ DEFAULT_HEADER_NAMES = (
     "X-Authd-Country",
     "X-Authd-Service-Token",
     "X-Authd-Policy",
+    "X-Authd-Issuer",
+    "X-Authd-Posture",
 )
 RESERVED_HEADER_NAMES = frozenset(n.lower() for n in (*DEFAULT_HEADER_NAMES, "X-Authd-Reason"))
 
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ISSUER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}")
 _TEAM = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _CUSTOM_HEADER = re.compile(r"X-Authd-[A-Za-z0-9][A-Za-z0-9-]{0,63}", re.IGNORECASE)
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
@@ -96,16 +128,29 @@ class TokenSource:
     def __str__(self) -> str:
         return "bearer" if self.kind == "bearer" else f"{self.kind}:{self.name}"
 
+    @property
+    def key(self) -> str:
+        """The same source, however it is spelled: header names are case-insensitive."""
+        return str(self).lower() if self.kind == "header" else str(self)
+
 
 @dataclass(frozen=True, slots=True)
 class IssuerConfig:
+    """One ``[[issuers]]`` entry, with its provider's preset filled in."""
+
     name: str
     issuer: str
     jwks_url: str | None
     jwks_file: Path | None
-    provider: str = "cloudflare"
+    provider: Provider = "cloudflare"
+    discovery_url: str | None = None  # oidc: the jwks_uri is read from this document
+    alb_keys_url: str | None = None  # aws-alb: one PEM public key per kid under this URL
+    token_sources: tuple[TokenSource, ...] = ()  # where this issuer's tokens arrive
     algorithms: tuple[str, ...] = ("RS256",)
     groups_claim: str = "custom.groups"
+    get_identity: bool = False  # cloudflare: enrich this issuer's tokens (policies may override)
+    get_identity_url: str | None = None  # cloudflare: <team domain>/cdn-cgi/access/get-identity
+    get_identity_timeout_seconds: float = DEFAULT_GET_IDENTITY_TIMEOUT
     refresh_seconds: float = 3600
     refetch_cooldown_seconds: float = 60
     max_stale_seconds: float = 86400
@@ -114,7 +159,14 @@ class IssuerConfig:
     @property
     def key_source(self) -> str:
         """Where the keys come from, for logs and explanations."""
-        return self.jwks_url if self.jwks_url is not None else str(self.jwks_file)
+        for where in (self.jwks_url, self.jwks_file, self.discovery_url, self.alb_keys_url):
+            if where is not None:
+                return str(where)
+        raise AssertionError("the parser gives every issuer a key source")
+
+    def reads(self, source: TokenSource) -> bool:
+        """Whether this issuer's tokens may arrive in ``source``."""
+        return any(s.key == source.key for s in self.token_sources)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +179,26 @@ class PolicyConfig:
     allow_service_tokens: frozenset[str] = frozenset()
     require_claims: tuple[tuple[str, tuple[Scalar, ...]], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()  # (header name, claim path)
+    issuers: tuple[str, ...] = ()  # the names of the issuers it accepts; () accepts every one
+    get_identity: bool | None = None  # enrichment for this policy; None: as its issuers say
+    # What a failed get-identity ends in: "deny" (503 enrichment_unavailable) or "allow"
+    # (without the enriched data); the parser resolves the default.
+    on_enrichment_failure: Literal["deny", "allow"] = "allow"
+    require_posture: tuple[str, ...] = ()  # device posture rules (id or name) that must pass
+    require_idp_types: frozenset[str] = frozenset()  # get-identity idp.type: one of these
+    require_amr: frozenset[str] = frozenset()  # get-identity amr: holds one of these
+    identity_headers: tuple[tuple[str, str], ...] = ()  # (header name, get-identity field)
+    posture_headers: tuple[tuple[str, str], ...] = ()  # (header name, posture rule id or name)
+
+    @property
+    def needs_identity(self) -> bool:
+        """Rules that only get-identity's answer can satisfy."""
+        return bool(self.require_posture or self.require_idp_types or self.require_amr)
+
+    @property
+    def all_headers(self) -> tuple[tuple[str, str], ...]:
+        """Every custom header, whatever it is filled from."""
+        return (*self.headers, *self.identity_headers, *self.posture_headers)
 
     @property
     def admits_any(self) -> bool:
@@ -163,6 +235,17 @@ class Config:
     policies: Mapping[str, PolicyConfig] = field(
         default_factory=lambda: types.MappingProxyType({}),
     )
+
+    def accepted_issuers(self, policy: PolicyConfig) -> tuple[IssuerConfig, ...]:
+        """The issuers whose tokens ``policy`` accepts (all of them unless it names some)."""
+        if not policy.issuers:
+            return self.issuers
+        return tuple(i for i in self.issuers if i.name in policy.issuers)
+
+    def token_sources_in_use(self) -> tuple[TokenSource, ...]:
+        """Every place a token may arrive, over all issuers (the top-level list without any)."""
+        found = {s.key: s for i in self.issuers for s in i.token_sources}
+        return tuple(found.values()) or self.token_sources
 
     @property
     def configured(self) -> bool:
@@ -241,10 +324,10 @@ def parse(raw: Mapping[str, object]) -> Config:
     issuers = tuple(
         i
         for n, t in enumerate(top.get_table_list("issuers"))
-        if (i := _parse_issuer(t, f"issuers[{n}]", problems)) is not None
+        if (i := _parse_issuer(t, f"issuers[{n}]", sources, problems)) is not None
     )
     _unique([i.name for i in issuers], "issuers", "name", problems)
-    _unique([i.issuer for i in issuers], "issuers", "issuer", problems)
+    _unique_per_source(issuers, problems)
 
     policies: dict[str, PolicyConfig] = {}
     for name, value in top.get_tables("policies").items():
@@ -255,7 +338,7 @@ def parse(raw: Mapping[str, object]) -> Config:
                 "/auth/<policy>), starting with a letter or digit",
             )
             continue
-        policy = _parse_policy(_Table(value, path, problems), name)
+        policy = _parse_policy(_Table(value, path, problems), name, issuers)
         if policy is not None:
             policies[name] = policy
 
@@ -299,36 +382,59 @@ def _parse_cache(table: _Table) -> CacheSettings:
     return settings
 
 
-def _parse_issuer(table: _Table, path: str, problems: list[str]) -> IssuerConfig | None:
+def enriches(policy: PolicyConfig, issuer: IssuerConfig) -> bool:
+    """Whether ``policy`` asks get-identity about tokens of ``issuer`` (Cloudflare only)."""
+    if issuer.provider != "cloudflare":
+        return False
+    return issuer.get_identity if policy.get_identity is None else policy.get_identity
+
+
+def _parse_issuer(
+    table: _Table,
+    path: str,
+    default_sources: tuple[TokenSource, ...],
+    problems: list[str],
+) -> IssuerConfig | None:
     name = table.get_str("name", None)
     if name is not None and not _ISSUER_NAME.fullmatch(name):
         problems.append(f"{path}.name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
-    provider = table.get_str("provider", "cloudflare")
-    if provider not in PROVIDERS:
-        problems.append(f"{path}.provider: unknown provider {provider!r}; known: cloudflare")
-    team = table.get_str("team", None)
-    issuer = table.get_str("issuer", None)
-    jwks_url = table.get_str("jwks_url", None)
-    jwks_file = table.get_str("jwks_file", None)
-    if team is not None:
-        if not _TEAM.fullmatch(team):
-            problems.append(
-                f"{path}.team: the team name is the first label of <team>.cloudflareaccess.com",
-            )
-        if issuer is not None:
-            problems.append(f"{path}: give either team or issuer, not both")
-        issuer = f"https://{team}.cloudflareaccess.com"
-        if jwks_url is None and jwks_file is None:
-            jwks_url = f"{issuer}/cdn-cgi/access/certs"
-    if issuer is None:
-        problems.append(f"{path}: needs issuer (or team)")
-    elif (problem := _issuer_problem(issuer)) is not None:
+    provider_text = table.get_str("provider", "cloudflare")
+    provider: Provider = "cloudflare"
+    if provider_text in PROVIDERS:
+        provider = provider_text  # narrowed by the membership test
+    else:
+        problems.append(
+            f"{path}.provider: unknown provider {provider_text!r}; known: {', '.join(PROVIDERS)}",
+        )
+    where = _IssuerWhere(table, path, provider)
+    issuer = where.issuer()
+    if issuer is not None and (problem := _issuer_problem(issuer)) is not None:
         problems.append(f"{path}.issuer: {problem}")
-    if (jwks_url is None) == (jwks_file is None):
-        problems.append(f"{path}: needs exactly one of jwks_url and jwks_file")
-    if jwks_url is not None and (problem := _jwks_url_problem(jwks_url)) is not None:
-        problems.append(f"{path}.jwks_url: {problem}")
-    algorithms = table.get_str_list("algorithms", ("RS256",), allow_empty=False)
+    keys = where.keys(issuer)
+
+    if "token_sources" in table.raw:
+        texts = table.get_str_list("token_sources", (), allow_empty=False)
+        token_sources = tuple(
+            s
+            for i, text in enumerate(texts)
+            if (s := _parse_token_source(text, f"{path}.token_sources[{i}]", problems)) is not None
+        )
+        if len({s.key for s in token_sources}) != len(token_sources):
+            problems.append(f"{path}.token_sources: lists the same source twice")
+    elif provider == "cloudflare":
+        token_sources = default_sources
+    else:
+        token_sources = tuple(
+            s
+            for text in PROVIDER_TOKEN_SOURCES[provider]
+            if (s := _parse_token_source(text, f"{path}.token_sources", problems)) is not None
+        )
+
+    algorithms = table.get_str_list(
+        "algorithms",
+        PROVIDER_ALGORITHMS[provider],
+        allow_empty=False,
+    )
     for alg in algorithms:
         if alg.upper().startswith("HS"):
             problems.append(
@@ -340,9 +446,12 @@ def _parse_issuer(table: _Table, path: str, problems: list[str]) -> IssuerConfig
                 f"{path}.algorithms: unknown algorithm {alg!r}; "
                 f"known: {', '.join(sorted(ASYMMETRIC_ALGORITHMS))}",
             )
-    groups_claim = table.get_str("groups_claim", "custom.groups")
+    if provider == "aws-alb" and set(algorithms) - {"ES256"}:
+        problems.append(f"{path}.algorithms: an ALB signs with ES256 only")
+    groups_claim = table.get_str("groups_claim", PROVIDER_GROUPS_CLAIMS[provider])
     if not groups_claim:
         problems.append(f"{path}.groups_claim: must not be empty")
+    get_identity, get_identity_url, get_identity_timeout = where.get_identity(issuer)
     refresh = table.get_number("refresh_seconds", 3600, low=60, high=7 * 86400)
     cooldown = table.get_number("refetch_cooldown_seconds", 60, low=1, high=86400)
     max_stale = table.get_number("max_stale_seconds", 86400, low=0, high=30 * 86400)
@@ -350,16 +459,23 @@ def _parse_issuer(table: _Table, path: str, problems: list[str]) -> IssuerConfig
     table.reject_unknown()
     if name is None:
         problems.append(f"{path}: needs name")
-    if name is None or issuer is None:
+    if name is None or issuer is None or keys is None:
         return None
+    jwks_url, jwks_file, discovery_url, alb_keys_url = keys
     return IssuerConfig(
         name=name,
         provider=provider,
         issuer=issuer,
         jwks_url=jwks_url,
         jwks_file=Path(jwks_file) if jwks_file is not None else None,
+        discovery_url=discovery_url,
+        alb_keys_url=alb_keys_url,
+        token_sources=token_sources,
         algorithms=tuple(dict.fromkeys(algorithms)),
         groups_claim=groups_claim,
+        get_identity=get_identity,
+        get_identity_url=get_identity_url,
+        get_identity_timeout_seconds=get_identity_timeout,
         refresh_seconds=refresh,
         refetch_cooldown_seconds=cooldown,
         max_stale_seconds=max_stale,
@@ -367,13 +483,151 @@ def _parse_issuer(table: _Table, path: str, problems: list[str]) -> IssuerConfig
     )
 
 
-def _parse_policy(table: _Table, name: str) -> PolicyConfig | None:
+class _IssuerWhere:
+    """The parts of an issuer that its provider presets: the issuer URL, the key source
+    and (Cloudflare) get-identity. A key that does not apply to the provider is a problem."""
+
+    _ONLY: ClassVar[dict[str, Provider]] = {
+        "team": "cloudflare",
+        "get_identity": "cloudflare",
+        "get_identity_url": "cloudflare",
+        "get_identity_timeout_seconds": "cloudflare",
+        "region": "aws-alb",
+        "alb_keys_url": "aws-alb",
+        "discovery_url": "oidc",
+    }
+
+    def __init__(self, table: _Table, path: str, provider: Provider) -> None:
+        self.table, self.path, self.provider = table, path, provider
+        self.problems = table.problems
+        for key, only in self._ONLY.items():
+            if key in table.raw and provider != only:
+                table.used.add(key)
+                self.problems.append(f"{path}.{key}: only for provider = {only!r}")
+
+    def issuer(self) -> str | None:
+        table, path = self.table, self.path
+        issuer = table.get_str("issuer", None)
+        if self.provider == "google-iap":
+            # The one issuer Google signs IAP tokens as; another one is for loopback stand-ins.
+            return issuer or GOOGLE_IAP_ISSUER
+        team = table.get_str("team", None) if self.provider == "cloudflare" else None
+        if team is not None:
+            if not _TEAM.fullmatch(team):
+                self.problems.append(
+                    f"{path}.team: the team name is the first label of <team>.cloudflareaccess.com",
+                )
+            if issuer is not None:
+                self.problems.append(f"{path}: give either team or issuer, not both")
+            return f"https://{team}.cloudflareaccess.com"
+        if issuer is None:
+            hint = " (or team)" if self.provider == "cloudflare" else ""
+            self.problems.append(f"{path}: needs issuer{hint}")
+        return issuer
+
+    def keys(
+        self,
+        issuer: str | None,
+    ) -> tuple[str | None, str | None, str | None, str | None] | None:
+        """(jwks_url, jwks_file, discovery_url, alb_keys_url), exactly one set; None: a problem."""
+        table, path = self.table, self.path
+        jwks_url = table.get_str("jwks_url", None)
+        jwks_file = table.get_str("jwks_file", None)
+        given = jwks_url is not None or jwks_file is not None
+        discovery = alb = None
+        if self.provider == "aws-alb":
+            if given:
+                self.problems.append(
+                    f"{path}: an ALB publishes one PEM key per kid, not a key set: give region "
+                    "(or alb_keys_url), not jwks_url or jwks_file",
+                )
+                return None
+            region = table.get_str("region", None)
+            alb = table.get_str("alb_keys_url", None)
+            if region is not None and not _REGION.fullmatch(region):
+                self.problems.append(f"{path}.region: an AWS region such as eu-west-1")
+            if (region is None) == (alb is None):
+                self.problems.append(f"{path}: needs exactly one of region and alb_keys_url")
+                return None
+            alb = (alb or ALB_KEYS_URL.format(region=region)).rstrip("/")
+            return self._checked(None, None, None, alb, "alb_keys_url")
+        if jwks_url is None and jwks_file is None:
+            team = self.provider == "cloudflare" and "team" in table.raw
+            if team and issuer is not None:
+                jwks_url = f"{issuer}/cdn-cgi/access/certs"
+            elif self.provider == "google-iap":
+                jwks_url = GOOGLE_IAP_JWKS_URL
+            elif self.provider == "oidc" and issuer is not None:
+                discovery = table.get_str("discovery_url", None)
+                discovery = discovery or issuer + OIDC_DISCOVERY_PATH
+                return self._checked(None, None, discovery, None, "discovery_url")
+        elif self.provider == "oidc" and "discovery_url" in table.raw:
+            table.used.add("discovery_url")
+            self.problems.append(f"{path}: give discovery_url or a key set, not both")
+        if (jwks_url is None) == (jwks_file is None):
+            self.problems.append(f"{path}: needs exactly one of jwks_url and jwks_file")
+            return None
+        return self._checked(jwks_url, jwks_file, None, None, "jwks_url")
+
+    def _checked(
+        self,
+        jwks_url: str | None,
+        jwks_file: str | None,
+        discovery: str | None,
+        alb: str | None,
+        key: str,
+    ) -> tuple[str | None, str | None, str | None, str | None] | None:
+        url = jwks_url or discovery or alb
+        if url is not None and (problem := url_problem(url)) is not None:
+            self.problems.append(f"{self.path}.{key}: {problem}")
+            return None
+        return jwks_url, jwks_file, discovery, alb
+
+    def get_identity(self, issuer: str | None) -> tuple[bool, str | None, float]:
+        table, path = self.table, self.path
+        if self.provider != "cloudflare":
+            return False, None, DEFAULT_GET_IDENTITY_TIMEOUT
+        enabled = table.get_bool("get_identity", default=False)
+        url = table.get_str("get_identity_url", None)
+        if url is not None and (problem := url_problem(url)) is not None:
+            self.problems.append(f"{path}.get_identity_url: {problem}")
+        if url is None and issuer is not None:
+            url = issuer + GET_IDENTITY_PATH  # on the team domain, as the issuer is
+        seconds = table.get_number(
+            "get_identity_timeout_seconds",
+            DEFAULT_GET_IDENTITY_TIMEOUT,
+            low=0.1,
+            high=MAX_GET_IDENTITY_TIMEOUT,
+        )
+        return enabled, url, seconds
+
+
+def _unique_per_source(issuers: tuple[IssuerConfig, ...], problems: list[str]) -> None:
+    """Two issuers may share an ``iss`` (an ALB and the OIDC provider behind it) only when
+    their tokens arrive in different places: the source and the ``iss`` choose the issuer."""
+    for n, a in enumerate(issuers):
+        for b in issuers[n + 1 :]:
+            shared = [str(s) for s in a.token_sources if b.reads(s)]
+            if a.issuer == b.issuer and shared:
+                problems.append(
+                    f"issuers: {a.name} and {b.name} both read {', '.join(shared)} with issuer "
+                    f"{a.issuer!r}: a token there could not say which one it is for",
+                )
+
+
+def _parse_policy(  # noqa: PLR0915 -- one check per key, in the order of the docs
+    table: _Table,
+    name: str,
+    issuers: tuple[IssuerConfig, ...],
+) -> PolicyConfig | None:
     path, problems = table.prefix, table.problems
     audience = table.get_str_list("audience", None, allow_empty=False, allow_scalar=True)
     if audience is None:
         problems.append(
             f"{path}.audience: required: the AUD tag(s) of the Access application this "
-            "policy protects (Zero Trust dashboard > Access > Applications > Overview)",
+            "policy protects (Zero Trust dashboard > Access > Applications > Overview); for "
+            "Google IAP the backend's /projects/... audience, for OIDC the client id, for an "
+            "AWS ALB its ARN",
         )
     emails = table.get_str_list("allow_emails", ())
     for e in emails:
@@ -402,24 +656,71 @@ def _parse_policy(table: _Table, name: str) -> PolicyConfig | None:
             problems.append(f"{path}.require_claims: empty claim name")
             continue
         require.append((claim, tuple(scalars)))
-    headers: list[tuple[str, str]] = []
     seen_headers: set[str] = set()
-    for header, value in table.get_tables_or_values("headers").items():
-        hpath = f"{path}.headers.{_key(header)}"
-        if not _CUSTOM_HEADER.fullmatch(header):
-            problems.append(
-                f"{hpath}: custom header names start with X-Authd- and use A-Z a-z 0-9 - "
-                "(so the nginx snippet can overwrite them against spoofing)",
-            )
-        elif header.lower() in RESERVED_HEADER_NAMES:
-            problems.append(f"{hpath}: {header} is one of authd's own headers")
-        elif header.lower() in seen_headers:
-            problems.append(f"{hpath}: given twice (header names are case-insensitive)")
-        if not isinstance(value, str) or not value:
-            problems.append(f'{hpath}: the value is the claim to send, e.g. "custom.department"')
-            continue
-        seen_headers.add(header.lower())
-        headers.append((header, value))
+    headers = _parse_headers(
+        table,
+        "headers",
+        seen_headers,
+        'the claim to send, e.g. "custom.department"',
+    )
+    identity_headers = _parse_headers(
+        table,
+        "identity_headers",
+        seen_headers,
+        'the get-identity field to send, e.g. "idp.type"',
+    )
+    posture_headers = _parse_headers(
+        table,
+        "posture_headers",
+        seen_headers,
+        "the device posture rule (id or name) whose result to send as true or false",
+    )
+
+    known = {i.name: i for i in issuers}
+    accepted_names = table.get_str_list("issuers", [])
+    for issuer_name in accepted_names:
+        if issuer_name not in known:
+            problems.append(f"{path}.issuers: no issuer is named {issuer_name!r}")
+    accepted = [known[n] for n in accepted_names if n in known] or list(issuers)
+    get_identity = table.get_bool("get_identity", None)
+    posture = table.get_str_list("require_posture", [])
+    idp_types = table.get_str_list("require_idp_types", [])
+    amr = table.get_str_list("require_amr", [])
+    failure = table.get_str("on_enrichment_failure", None)
+    if failure not in {None, "deny", "allow"}:
+        problems.append(f'{path}.on_enrichment_failure: "deny" or "allow"')
+        failure = None
+    policy = PolicyConfig(
+        name=name,
+        audience=tuple(audience or ()),
+        allow_groups=frozenset(groups),
+        issuers=tuple(dict.fromkeys(accepted_names)),
+        get_identity=get_identity,
+        require_posture=tuple(dict.fromkeys(posture)),
+        require_idp_types=frozenset(idp_types),
+        require_amr=frozenset(amr),
+        identity_headers=identity_headers,
+        posture_headers=posture_headers,
+    )
+    enriched = [i.name for i in accepted if enriches(policy, i)]
+    if get_identity and not any(i.provider == "cloudflare" for i in accepted):
+        problems.append(
+            f"{path}.get_identity: only Cloudflare issuers have get-identity, "
+            "and this policy accepts none",
+        )
+    wants = [k for k in ("require_posture", "require_idp_types", "require_amr") if k in table.raw]
+    wants += [k for k in ("identity_headers", "posture_headers") if table.raw.get(k)]
+    if wants and not enriched and issuers:
+        problems.append(
+            f"{path}: {', '.join(wants)} need get-identity: set get_identity = true on this "
+            "policy or on a Cloudflare issuer it accepts",
+        )
+    if failure == "allow" and policy.needs_identity:
+        problems.append(
+            f'{path}.on_enrichment_failure: "allow" cannot apply to require_posture, '
+            "require_idp_types or require_amr: only get-identity's answer can satisfy them",
+        )
+    depends = policy.needs_identity or bool(groups and enriched)
     table.reject_unknown()
     if audience is None:
         return None
@@ -431,20 +732,59 @@ def _parse_policy(table: _Table, name: str) -> PolicyConfig | None:
         allow_groups=frozenset(groups),
         allow_service_tokens=frozenset(services),
         require_claims=tuple(require),
-        headers=tuple(headers),
+        headers=headers,
+        issuers=policy.issuers,
+        get_identity=get_identity,
+        on_enrichment_failure="deny"
+        if (failure or ("deny" if depends else "")) == "deny"
+        else "allow",
+        require_posture=policy.require_posture,
+        require_idp_types=policy.require_idp_types,
+        require_amr=policy.require_amr,
+        identity_headers=identity_headers,
+        posture_headers=posture_headers,
     )
+
+
+def _parse_headers(
+    table: _Table,
+    key: str,
+    seen: set[str],
+    what: str,
+) -> tuple[tuple[str, str], ...]:
+    """A ``{header = value}`` table of a policy; header names are unique across all of them."""
+    out: list[tuple[str, str]] = []
+    for header, value in table.get_tables_or_values(key).items():
+        hpath = f"{table.prefix}.{key}.{_key(header)}"
+        if not _CUSTOM_HEADER.fullmatch(header):
+            table.problems.append(
+                f"{hpath}: custom header names start with X-Authd- and use A-Z a-z 0-9 - "
+                "(so the nginx snippet can overwrite them against spoofing)",
+            )
+        elif header.lower() in RESERVED_HEADER_NAMES:
+            table.problems.append(f"{hpath}: {header} is one of authd's own headers")
+        elif header.lower() in seen:
+            table.problems.append(f"{hpath}: given twice (header names are case-insensitive)")
+        if not isinstance(value, str) or not value:
+            table.problems.append(f"{hpath}: the value is {what}")
+            continue
+        seen.add(header.lower())
+        out.append((header, value))
+    return tuple(out)
 
 
 def _issuer_problem(issuer: str) -> str | None:
     url = urllib.parse.urlsplit(issuer)
-    if url.scheme != "https" or not url.hostname:
+    loopback = url.scheme == "http" and _is_loopback(url.hostname or "")
+    if not (url.scheme == "https" or loopback) or not url.hostname:
         return "must be an https:// URL, exactly as the token's iss claim says"
     if issuer.endswith("/"):
         return "must not end with '/': tokens carry the issuer without one, compared exactly"
     return None
 
 
-def _jwks_url_problem(jwks_url: str) -> str | None:
+def url_problem(jwks_url: str) -> str | None:
+    """Why authd must not fetch from this URL (https, or plain http to loopback only)."""
     try:
         url = urllib.parse.urlsplit(jwks_url)
         host = url.hostname
@@ -543,7 +883,11 @@ class _Table:
             return default
         return value
 
-    def get_bool(self, key: str, default: bool) -> bool:
+    @overload
+    def get_bool(self, key: str, default: bool) -> bool: ...
+    @overload
+    def get_bool(self, key: str, default: None) -> bool | None: ...
+    def get_bool(self, key: str, default: bool | None) -> bool | None:
         value = self._take(key)
         if value is None:
             return default

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -215,13 +216,10 @@ def source(rsa_key) -> FakeSource:
 
 
 def issuer_config(**overrides: object) -> config_mod.IssuerConfig:
-    values: dict[str, object] = {
-        "name": "team",
-        "issuer": ISSUER,
-        "jwks_url": f"{ISSUER}/cdn-cgi/access/certs",
-        "jwks_file": None,
-    }
-    return config_mod.IssuerConfig(**(values | overrides))  # type: ignore[arg-type]
+    """The issuer that ``[[issuers]] name = "team"`` with the team's URLs parses to."""
+    raw = {"name": "team", "issuer": ISSUER, "jwks_url": f"{ISSUER}/cdn-cgi/access/certs"}
+    (parsed,) = config_mod.parse({"issuers": [raw]}).issuers
+    return dataclasses.replace(parsed, **overrides)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -231,7 +229,7 @@ def issuer_keys(source, clock) -> IssuerKeys:
 
 @pytest.fixture
 async def store(issuer_keys) -> KeyStore:
-    s = KeyStore({ISSUER: issuer_keys})
+    s = KeyStore([issuer_keys])
     await issuer_keys.refresh()
     return s
 

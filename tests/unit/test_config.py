@@ -155,7 +155,7 @@ def test_issuer_names_and_urls_must_be_unique():
     twice = [{"name": "a", "team": "t"}, {"name": "a", "team": "t"}]
     problems = parse_problems(minimal(issuers=twice))
     assert "issuers: name 'a' is used twice" in problems
-    assert "issuers: issuer 'https://t.cloudflareaccess.com' is used twice" in problems
+    assert any("a and a both read header:Cf-Access-Jwt-Assertion" in p for p in problems)
 
 
 @pytest.mark.parametrize(
@@ -298,3 +298,196 @@ def test_the_shipped_example_is_valid():
     cfg = config.load(example)
     assert cfg.issuers[0].issuer == "https://myteam.cloudflareaccess.com"
     assert cfg.warnings() == []
+
+
+# --- providers and issuers per policy (issue 6) ------------------------------------------------
+
+ALB_ARN = "arn:aws:elasticloadbalancing:eu-west-1:1:loadbalancer/app/wiki/1"
+
+
+def test_each_provider_reads_its_own_token_source_and_cloudflare_the_top_level_list():
+    cfg = config.parse(
+        minimal(
+            token_sources=["header:X-Token"],
+            issuers=[
+                {"name": "cf", "team": "t"},
+                {"name": "iap", "provider": "google-iap"},
+                {
+                    "name": "alb",
+                    "provider": "aws-alb",
+                    "region": "us-east-1",
+                    "issuer": "https://i",
+                },
+                {"name": "okta", "provider": "oidc", "issuer": "https://o.example"},
+                {
+                    "name": "pomerium",
+                    "provider": "oidc",
+                    "issuer": "https://p.example",
+                    "token_sources": ["header:X-Pomerium-Jwt-Assertion"],
+                    "jwks_url": "https://p.example/.well-known/pomerium/jwks.json",
+                },
+            ],
+        ),
+    )
+    sources = {i.name: [str(s) for s in i.token_sources] for i in cfg.issuers}
+    assert sources == {
+        "cf": ["header:X-Token"],
+        "iap": ["header:x-goog-iap-jwt-assertion"],
+        "alb": ["header:x-amzn-oidc-data"],
+        "okta": ["bearer"],
+        "pomerium": ["header:X-Pomerium-Jwt-Assertion"],
+    }
+    pomerium = cfg.issuers[-1]
+    assert (pomerium.discovery_url, pomerium.key_source) == (
+        None,
+        "https://p.example/.well-known/pomerium/jwks.json",
+    )
+    assert [str(s) for s in cfg.token_sources_in_use()] == [
+        "header:X-Token",
+        "header:x-goog-iap-jwt-assertion",
+        "header:x-amzn-oidc-data",
+        "bearer",
+        "header:X-Pomerium-Jwt-Assertion",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("issuer", "message"),
+    [
+        ({"provider": "aws-alb", "issuer": "https://i"}, "needs exactly one of region and"),
+        ({"provider": "aws-alb", "issuer": "https://i", "region": "Mars"}, "an AWS region"),
+        (
+            {
+                "provider": "aws-alb",
+                "issuer": "https://i",
+                "region": "eu-west-1",
+                "jwks_url": "https://k",
+            },
+            "not a key set",
+        ),
+        (
+            {
+                "provider": "aws-alb",
+                "issuer": "https://i",
+                "region": "eu-west-1",
+                "algorithms": ["ES384"],
+            },
+            "ES256 only",
+        ),
+        ({"provider": "aws-alb", "region": "eu-west-1"}, "needs issuer"),
+        (
+            {"provider": "aws-alb", "issuer": "https://i", "alb_keys_url": "http://10.1.1.1"},
+            "only for loopback",
+        ),
+        ({"provider": "oidc"}, "needs issuer"),
+        ({"provider": "oidc", "issuer": "https://o", "discovery_url": "ftp://o/x"}, "https"),
+        (
+            {
+                "provider": "oidc",
+                "issuer": "https://o",
+                "discovery_url": "https://o/d",
+                "jwks_url": "https://o/k",
+            },
+            "not both",
+        ),
+        ({"provider": "google-iap", "team": "t"}, "team: only for provider = 'cloudflare'"),
+        ({"provider": "oidc", "issuer": "https://o", "get_identity": True}, "only for provider"),
+        ({"provider": "cloudflare", "team": "t", "region": "eu-west-1"}, "only for provider"),
+        ({"team": "t", "get_identity_url": "http://10.0.0.1/x"}, "only for loopback"),
+        ({"team": "t", "get_identity_timeout_seconds": 30}, "between 0.1 and 4"),
+        ({"team": "t", "token_sources": []}, "must not be empty"),
+        ({"team": "t", "token_sources": ["query:t"]}, "expected header:NAME"),
+        ({"provider": "google-iap", "token_sources": ["bearer", "BEARER"]}, "same source twice"),
+    ],
+)
+def test_provider_problems(issuer, message):
+    problems = parse_problems(minimal(issuers=[{"name": "x", **issuer}]))
+    assert any(message in p for p in problems), problems
+
+
+def test_plain_http_issuers_are_for_loopback_stand_ins_only():
+    ok = {"name": "o", "provider": "oidc", "issuer": "http://127.0.0.1:8080"}
+    cfg = config.parse(minimal(issuers=[ok]))
+    assert cfg.issuers[0].discovery_url == "http://127.0.0.1:8080/.well-known/openid-configuration"
+    bad = {"name": "o", "provider": "oidc", "issuer": "http://idp.example"}
+    assert any("must be an https:// URL" in p for p in parse_problems(minimal(issuers=[bad])))
+
+
+def policy_problems(**policy: object) -> list[str]:
+    issuers = [
+        {"name": "cf", "team": "t"},
+        {"name": "iap", "provider": "google-iap"},
+    ]
+    return parse_problems(
+        minimal(issuers=issuers, policies={"wiki": {"audience": [AUD], **policy}})
+    )
+
+
+def enriched_policy(**policy: object) -> config.PolicyConfig:
+    issuers = [{"name": "cf", "team": "t"}, {"name": "iap", "provider": "google-iap"}]
+    cfg = config.parse(minimal(issuers=issuers, policies={"wiki": {"audience": [AUD], **policy}}))
+    return cfg.policies["wiki"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"issuers": ["nope"]}, "policies.wiki.issuers: no issuer is named 'nope'"),
+        ({"issuers": ["iap"], "get_identity": True}, "only Cloudflare issuers have get-identity"),
+        ({"require_posture": ["disk"]}, "require_posture need get-identity"),
+        ({"require_amr": ["mfa"], "issuers": ["iap"]}, "require_amr need get-identity"),
+        (
+            {"posture_headers": {"X-Authd-Disk": "disk"}, "get_identity": False},
+            "posture_headers need get-identity",
+        ),
+        (
+            {"require_posture": ["disk"], "get_identity": True, "on_enrichment_failure": "allow"},
+            '"allow" cannot apply',
+        ),
+        ({"get_identity": True, "on_enrichment_failure": "maybe"}, '"deny" or "allow"'),
+        ({"get_identity": "yes"}, "expected true or false"),
+        (
+            {
+                "headers": {"X-Authd-Dept": "dept"},
+                "identity_headers": {"x-authd-dept": "name"},
+                "get_identity": True,
+            },
+            "given twice",
+        ),
+        ({"identity_headers": {"X-Authd-Groups": "groups"}, "get_identity": True}, "authd's own"),
+        ({"posture_headers": {"Cf-Access-Disk-Encrypted": "d"}, "get_identity": True}, "X-Authd-"),
+    ],
+)
+def test_policy_enrichment_problems(policy, message):
+    problems = policy_problems(**policy)
+    assert any(message in p for p in problems), problems
+
+
+def test_enrichment_failure_defaults_to_deny_only_where_the_rules_depend_on_it():
+    assert enriched_policy(get_identity=True).on_enrichment_failure == "allow"
+    assert enriched_policy(get_identity=True, allow_groups=["eng"]).on_enrichment_failure == "deny"
+    assert enriched_policy(allow_groups=["eng"]).on_enrichment_failure == "allow"  # not enriched
+    posture = enriched_policy(get_identity=True, require_posture=["disk"])
+    assert (posture.on_enrichment_failure, posture.needs_identity) == ("deny", True)
+    chosen = enriched_policy(get_identity=True, allow_groups=["eng"], on_enrichment_failure="allow")
+    assert chosen.on_enrichment_failure == "allow"
+
+
+def test_enrichment_is_per_issuer_and_a_policy_may_override_it():
+    issuers = [
+        {"name": "cf", "team": "t", "get_identity": True},
+        {"name": "cf2", "team": "u"},
+        {"name": "iap", "provider": "google-iap"},
+    ]
+    policies = {
+        "default": {"audience": [AUD]},
+        "off": {"audience": [AUD], "get_identity": False},
+        "on": {"audience": [AUD], "get_identity": True, "issuers": ["cf2", "iap"]},
+    }
+    cfg = config.parse(minimal(issuers=issuers, policies=policies))
+    table = {
+        name: [i.name for i in cfg.accepted_issuers(p) if config.enriches(p, i)]
+        for name, p in cfg.policies.items()
+    }
+    assert table == {"default": ["cf"], "off": [], "on": ["cf2"]}
+    assert [i.name for i in cfg.accepted_issuers(cfg.policies["on"])] == ["cf2", "iap"]
