@@ -48,8 +48,9 @@ class Claims:
 
     @property
     def user(self) -> str:
-        """Who is asking: the email of a user, or the client id of a service token."""
-        return self.email or self.service_token
+        """Who is asking: the email of a user, the client id of a service token, or (an
+        IAP, ALB or OIDC token without an email) the subject."""
+        return self.email or self.service_token or self.sub
 
     def get(self, name: str) -> object | None:
         """Look a claim up by name; a dotted name walks nested objects.

@@ -19,6 +19,7 @@ from authd.verify import MAX_TOKEN_BYTES
 if TYPE_CHECKING:
     from authd.claims import Claims
     from authd.config import TokenSource
+    from authd.enrich import Identity
     from authd.policy import Policy
 
 MAX_HEADER_VALUE_BYTES = 2048
@@ -64,7 +65,15 @@ class RequestHeaders(Protocol):
     def get_header(self, name: str) -> str | None: ...
 
 
-def extract_token(sources: Iterable[TokenSource], req: RequestHeaders) -> str:
+@dataclass(frozen=True, slots=True)
+class Found:
+    """The one token a request carries, and every source it arrived in."""
+
+    token: str
+    sources: tuple[TokenSource, ...]
+
+
+def find_token(sources: Iterable[TokenSource], req: RequestHeaders) -> Found:
     """The one token the request carries, from any of ``sources``; or ``Denied``.
 
     Every source is read: a header and a cookie that carry different tokens, or a
@@ -72,15 +81,24 @@ def extract_token(sources: Iterable[TokenSource], req: RequestHeaders) -> str:
     count as absent.
     """
     candidates: set[str] = set()
+    found_in: list[TokenSource] = []
     for source in sources:
-        candidates.update(_from_source(source, req))
+        values = _from_source(source, req)
+        if values:
+            candidates.update(values)
+            found_in.append(source)
     if any(len(c) > MAX_TOKEN_BYTES for c in candidates):
         raise Denied(Reason.TOKEN_TOO_LARGE, f"a token is over {MAX_TOKEN_BYTES} bytes")
     if not candidates:
         raise Denied(Reason.NO_TOKEN)
     if len(candidates) > 1:
         raise Denied(Reason.AMBIGUOUS_TOKEN, f"{len(candidates)} different tokens")
-    return candidates.pop()
+    return Found(candidates.pop(), tuple(found_in))
+
+
+def extract_token(sources: Iterable[TokenSource], req: RequestHeaders) -> str:
+    """The token of :func:`find_token`, without where it came from."""
+    return find_token(sources, req).token
 
 
 def _from_source(source: TokenSource, req: RequestHeaders) -> list[str]:
@@ -209,16 +227,20 @@ def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-Getter: TypeAlias = "Callable[[Claims, Policy], object]"
+# A header's value from the verified claims, the policy, and get-identity's answer (None
+# when the policy does not enrich this token, or enrichment failed and the policy allows that).
+Getter: TypeAlias = "Callable[[Claims, Policy, Identity | None], object]"
 
 _DEFAULT_GETTERS: dict[str, Getter] = {
-    "X-Authd-User": lambda c, _: c.user,
-    "X-Authd-Email": lambda c, _: c.email,
-    "X-Authd-Sub": lambda c, _: c.sub,
-    "X-Authd-Groups": lambda c, p: list(p.groups(c)),
-    "X-Authd-Country": lambda c, _: c.get("country"),
-    "X-Authd-Service-Token": lambda c, _: c.service_token,
-    "X-Authd-Policy": lambda _, p: p.name,
+    "X-Authd-User": lambda c, _, __: c.user,
+    "X-Authd-Email": lambda c, _, __: c.email,
+    "X-Authd-Sub": lambda c, _, __: c.sub,
+    "X-Authd-Groups": lambda c, p, i: list(p.groups(c, i)),
+    "X-Authd-Country": lambda c, _, __: c.get("country"),
+    "X-Authd-Service-Token": lambda c, _, __: c.service_token,
+    "X-Authd-Policy": lambda _, p, __: p.name,
+    "X-Authd-Issuer": lambda c, _, __: c.issuer_name,
+    "X-Authd-Posture": lambda _, __, i: None if i is None else list(i.passed_posture_names()),
 }
 assert tuple(_DEFAULT_GETTERS) == DEFAULT_HEADER_NAMES
 
@@ -232,17 +254,27 @@ class HeaderPlan:
 
     @classmethod
     def for_policy(cls, policy: Policy) -> HeaderPlan:
+        c = policy.config
         custom: list[tuple[str, Getter]] = [
-            (name, _claim_getter(claim)) for name, claim in policy.config.headers
+            *((name, _claim_getter(claim)) for name, claim in c.headers),
+            *((name, _identity_getter(field)) for name, field in c.identity_headers),
+            *((name, _posture_getter(rule)) for name, rule in c.posture_headers),
         ]
         return cls(policy, (*_DEFAULT_GETTERS.items(), *custom))
 
-    def render(self, claims: Claims) -> tuple[tuple[str, str], ...]:
-        """The headers for an allow; ``Denied(unsafe_claim_value)`` if a value cannot be sent."""
+    def render(
+        self,
+        claims: Claims,
+        identity: Identity | None = None,
+    ) -> tuple[tuple[str, str], ...]:
+        """The headers for an allow; ``Denied(unsafe_claim_value)`` if a value cannot be sent.
+
+        Headers filled from get-identity are left out when ``identity`` is None.
+        """
         out = []
         total = 0
         for name, getter in self.getters:
-            value = render_claim(getter(claims, self.policy))
+            value = render_claim(getter(claims, self.policy, identity))
             if value:
                 out.append((name, value))
                 total += len(name) + len(value) + 4
@@ -252,4 +284,14 @@ class HeaderPlan:
 
 
 def _claim_getter(claim: str) -> Getter:
-    return lambda c, _: lookup(c.payload, claim)
+    return lambda c, _, __: lookup(c.payload, claim)
+
+
+def _identity_getter(field: str) -> Getter:
+    return lambda _, __, i: None if i is None else i.get(field)
+
+
+def _posture_getter(rule: str) -> Getter:
+    # "true" only for a check that passed; "false" for one that failed or is not reported
+    # (the Worker tutorial's headers, each from its own rule).
+    return lambda _, __, i: None if i is None else i.posture_passed(rule)

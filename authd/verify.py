@@ -8,6 +8,12 @@ to PyJWT's algorithm objects with the algorithm taken from the *issuer's allow-l
 stricter than PyJWT's (JSON types of time claims, ``exp >= iat``, a bounded lifetime,
 the token ``type``, the audience of the policy).
 
+Several issuers may be configured, of four providers (Cloudflare Access, Google IAP,
+AWS ALB, any OIDC provider). The issuer is chosen by where the token arrived (each
+issuer reads its own token sources) and by its ``iss``, and then the token is verified
+by that issuer's rules alone: its algorithms, its keys, its provider's header members
+and claims. A token of one issuer can never satisfy another.
+
 Security: every check here fails closed. A path that returns ``Claims`` must have
 passed the signature check and every claim check.
 """
@@ -20,7 +26,7 @@ import json
 import math
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,8 +38,8 @@ from authd.config import ASYMMETRIC_ALGORITHMS
 from authd.errors import Denied, Reason
 
 if TYPE_CHECKING:
-    from authd.config import IssuerConfig
-    from authd.keys import Clock, IssuerKeys, KeyStore, VerifyKey
+    from authd.config import IssuerConfig, TokenSource
+    from authd.keys import Clock, KeySet, KeyStore, VerifyKey
 
 # Well below nginx's 8 KiB header-line limit, so that the cap, not nginx, decides; a
 # Cloudflare token is kept under ~4 KiB. Checked before any decoding: a 1 MiB token
@@ -42,8 +48,28 @@ MAX_TOKEN_BYTES = 6144
 MAX_LIFETIME_SECONDS = 400 * 86400  # no real token lives longer; exp = 10**30 is an attack
 MAX_NUMERIC_DATE = 2**53  # the largest integer a float holds exactly; far beyond any real date
 ALLOWED_HEADER_MEMBERS = frozenset({"alg", "kid", "typ"})
+# Each provider's own JOSE header members, none of which names a key or changes processing:
+# an ALB names its load balancer (signer), the OIDC client, and repeats iss and exp; OIDC
+# providers add the key's certificate thumbprint (x5t), which is never used to find a key.
+PROVIDER_HEADER_MEMBERS = {
+    "cloudflare": ALLOWED_HEADER_MEMBERS,
+    "google-iap": ALLOWED_HEADER_MEMBERS,
+    "aws-alb": ALLOWED_HEADER_MEMBERS | {"signer", "iss", "client", "exp"},
+    "oidc": ALLOWED_HEADER_MEMBERS | {"x5t", "x5t#S256"},
+}
+# RFC 9068 access tokens say typ "at+jwt"; only a generic OIDC issuer sends those.
+PROVIDER_TYPES = {
+    "cloudflare": frozenset({"JWT"}),
+    "google-iap": frozenset({"JWT"}),
+    "aws-alb": frozenset({"JWT"}),
+    "oidc": frozenset({"JWT", "AT+JWT"}),
+}
 
 _STRUCTURE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# AWS ALB pads each segment with "=" (and only an ALB issuer may be chosen for such a token).
+_PADDED_STRUCTURE = re.compile(
+    r"[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]+={0,2}\.(?:[A-Za-z0-9_-]+={0,2})?",
+)
 _ALGORITHMS = {
     name: alg for name, alg in get_default_algorithms().items() if name in ASYMMETRIC_ALGORITHMS
 }
@@ -52,25 +78,23 @@ _EC_CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R
 
 @dataclass(frozen=True, slots=True)
 class Verified:
-    """A verified token's claims, and the key set (in its ``generation``) that verified it."""
+    """A verified token's claims, the key set (in its ``generation``) that verified it, and
+    why its issuer was the one chosen (for ``authd verify``)."""
 
     claims: Claims
-    keys: IssuerKeys
+    keys: KeySet
     generation: int
+    chosen_because: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Verifier:
     """Verifies tokens against the configured issuers, their keys and a clock."""
 
-    issuers: Mapping[str, IssuerConfig]  # by the exact iss URL
+    issuers: tuple[IssuerConfig, ...]
     keys: KeyStore
     clock: Clock
     leeway: float
-
-    @property
-    def all_algorithms(self) -> frozenset[str]:
-        return frozenset(a for i in self.issuers.values() for a in i.algorithms)
 
     async def verify(self, token: str, audience: tuple[str, ...]) -> Claims:
         """Verify ``token`` for a policy with ``audience``; raise ``Denied`` if it is not valid.
@@ -80,28 +104,47 @@ class Verifier:
         """
         return (await self.verify_with_keys(token, audience)).claims
 
-    async def verify_with_keys(self, token: str, audience: tuple[str, ...]) -> Verified:
-        """As :meth:`verify`, and which key set verified the token, in which generation."""
-        header_b64, payload_b64, sig_b64 = split(token)
-        header = decode_json_segment(header_b64)
-        alg, kid = check_header(header, self.all_algorithms)
-        payload = decode_json_segment(payload_b64)
+    async def verify_with_keys(
+        self,
+        token: str,
+        audience: tuple[str, ...],
+        *,
+        sources: Sequence[TokenSource] | None = None,
+        accepted: Sequence[IssuerConfig] | None = None,
+    ) -> Verified:
+        """As :meth:`verify`, and which key set verified the token, in which generation.
 
-        iss = payload.get("iss")
-        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
-        if issuer is None:
-            raise Denied(Reason.BAD_ISSUER, f"iss {_show(iss)} is not a configured issuer")
-        if alg not in issuer.algorithms:
-            raise Denied(Reason.ALG_NOT_ALLOWED, f"{_show(alg)} is not allowed for {issuer.name}")
+        ``accepted`` are the issuers the policy accepts (default: every one) and
+        ``sources`` where the token arrived (default: unknown, so any issuer's place):
+        the issuer is the one of those that reads a source the token came from and whose
+        ``iss`` the token names.
+        """
+        readers = [
+            i
+            for i in (self.issuers if accepted is None else accepted)
+            if sources is None or any(i.reads(s) for s in sources)
+        ]
+        padded = any(i.provider == "aws-alb" for i in readers)
+        header_b64, payload_b64, sig_b64 = split(token, padded=padded)
+        header = decode_json_segment(header_b64, padded=padded)
+        payload = decode_json_segment(payload_b64, padded=padded)
+        issuer, why = choose_issuer(payload.get("iss"), readers, sources)
+        if "=" in token and issuer.provider != "aws-alb":
+            raise Denied(Reason.MALFORMED, "padded base64url (only an ALB's tokens are padded)")
+        alg, kid = check_header(header, issuer)
+        if issuer.provider == "aws-alb":
+            check_alb_header(header, payload, audience)
 
-        store = self.keys.get(issuer.issuer)
+        store = self.keys.get(issuer.name)
         if store is None:  # the store is built from the same config; this is a bug
             raise LookupError(f"no key store for issuer {issuer.name}")
         # Read before the key is: a set replaced while this runs must not vouch for it.
         generation = store.generation
         key = await store.key_for(kid)
-        check_signature(alg, key, f"{header_b64}.{payload_b64}".encode("ascii"), sig_b64)
-        return Verified(self._claims(payload, issuer, kid, alg, audience), store, generation)
+        signing_input = f"{header_b64}.{payload_b64}".encode("ascii")  # as sent, padding and all
+        check_signature(alg, key, signing_input, sig_b64, padded=padded)
+        claims = self._claims(payload, issuer, kid, alg, audience)
+        return Verified(claims, store, generation, why)
 
     def _claims(
         self,
@@ -112,11 +155,15 @@ class Verifier:
         audience: tuple[str, ...],
     ) -> Claims:
         exp, valid_from, valid_until = check_times(payload, self.clock.time(), self.leeway)
-        check_audience(payload.get("aud"), audience)
-        if issuer.provider == "cloudflare" and payload.get("type") != "app":
-            # The CF_Authorization cookie also carries the global session ("org") token.
-            raise Denied(Reason.BAD_TYPE, f"type {_show(payload.get('type'))}, expected 'app'")
-        email, sub, service_token = identity(payload)
+        if issuer.provider != "aws-alb":  # an ALB token has no aud: its signer was checked
+            check_audience(payload.get("aud"), audience)
+        if issuer.provider == "cloudflare":
+            if payload.get("type") != "app":
+                # The CF_Authorization cookie also carries the global session ("org") token.
+                raise Denied(Reason.BAD_TYPE, f"type {_show(payload.get('type'))}, expected 'app'")
+            email, sub, service_token = identity(payload)
+        else:
+            email, sub, service_token = *subject(payload), ""
         return Claims(
             payload=types.MappingProxyType(payload),
             issuer_name=issuer.name,
@@ -132,11 +179,41 @@ class Verifier:
         )
 
 
-def split(token: str) -> tuple[str, str, str]:
-    """Three base64url segments, or ``Denied``; checked before anything is decoded."""
+def choose_issuer(
+    iss: object,
+    readers: Sequence[IssuerConfig],
+    sources: Sequence[TokenSource] | None,
+) -> tuple[IssuerConfig, str]:
+    """The one issuer among ``readers`` (those reading where the token arrived) that the
+    token's ``iss`` names, and why; ``Denied(bad_issuer)`` for none or more than one."""
+    where = "wherever" if sources is None else " and ".join(str(s) for s in sources)
+    if not readers:
+        raise Denied(Reason.BAD_ISSUER, f"no issuer of this policy reads {where}")
+    matches = [i for i in readers if isinstance(iss, str) and i.issuer == iss]
+    if not matches:
+        names = ", ".join(i.name for i in readers)
+        raise Denied(
+            Reason.BAD_ISSUER,
+            f"iss {_show(iss)} is not the issuer of any of {names} (reading {where})",
+        )
+    if len(matches) > 1:
+        names = " and ".join(i.name for i in matches)
+        raise Denied(Reason.BAD_ISSUER, f"the token fits both {names} (it arrived in {where})")
+    chosen = matches[0]
+    return chosen, (
+        f"{chosen.name} ({chosen.provider}) reads {where} and its issuer is the token's iss"
+    )
+
+
+def split(token: str, *, padded: bool = False) -> tuple[str, str, str]:
+    """Three base64url segments, or ``Denied``; checked before anything is decoded.
+
+    ``padded``: the segments may end in "=" padding (an ALB's tokens).
+    """
     if len(token) > MAX_TOKEN_BYTES:
         raise Denied(Reason.TOKEN_TOO_LARGE, f"{len(token)} bytes > {MAX_TOKEN_BYTES}")
-    if not token.isascii() or not _STRUCTURE.fullmatch(token):
+    structure = _PADDED_STRUCTURE if padded else _STRUCTURE
+    if not token.isascii() or not structure.fullmatch(token):
         raise Denied(
             Reason.MALFORMED,
             f"not three base64url segments ({token.count('.') + 1} dot-separated parts)",
@@ -147,22 +224,26 @@ def split(token: str) -> tuple[str, str, str]:
     return header_b64, payload_b64, sig_b64
 
 
-def b64decode(segment: str) -> bytes:
-    """Strict, canonical base64url without padding (RFC 7515 section 2)."""
+def b64decode(segment: str, *, padded: bool = False) -> bytes:
+    """Strict, canonical base64url without padding (RFC 7515 section 2); with ``padded``,
+    with exactly the canonical padding or none (an ALB's tokens)."""
+    bare = segment.rstrip("=") if padded else segment
     try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        raw = base64.urlsafe_b64decode(bare + "=" * (-len(bare) % 4))
     except (binascii.Error, ValueError) as ex:
         raise Denied(Reason.MALFORMED, "bad base64url") from ex
     # Non-canonical encodings (stray bits in the last character) decode to the same
     # bytes; refuse them so one token has exactly one spelling.
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):
+    canonical = base64.urlsafe_b64encode(raw)
+    spelled = segment.encode("ascii")
+    if canonical.rstrip(b"=") != spelled and not (padded and canonical == spelled):
         raise Denied(Reason.MALFORMED, "non-canonical base64url")
     return raw
 
 
-def decode_json_segment(segment: str) -> dict[str, object]:
+def decode_json_segment(segment: str, *, padded: bool = False) -> dict[str, object]:
     """A JSON object, strictly: UTF-8, no duplicate members, finite numbers only."""
-    raw = b64decode(segment)
+    raw = b64decode(segment, padded=padded)
     try:
         value = json.loads(
             raw.decode("utf-8"),
@@ -188,20 +269,24 @@ def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-def check_header(header: dict[str, object], allowed: frozenset[str]) -> tuple[str, str]:
+def check_header(header: dict[str, object], issuer: IssuerConfig) -> tuple[str, str]:
     """The ``alg`` and ``kid`` of a JOSE header that holds nothing else we would have to honour.
 
     ``jku``, ``x5u``, ``jwk``, ``x5c``, ``crit``, ``b64``, ``zip``, ``enc``, ``cty`` and
-    anything else are refused: keys come only from the configured key source.
+    anything else outside the provider's own members are refused: keys come only from the
+    configured key source. ``alg`` must be one of the issuer's algorithms.
     """
-    extra = header.keys() - ALLOWED_HEADER_MEMBERS
+    extra = header.keys() - PROVIDER_HEADER_MEMBERS[issuer.provider]
     if extra:
         raise Denied(Reason.BAD_HEADER, f"header members not allowed: {_show(sorted(extra))}")
     alg = header.get("alg")
-    if not isinstance(alg, str) or alg not in allowed or alg not in _ALGORITHMS:
-        raise Denied(Reason.ALG_NOT_ALLOWED, f"alg {_show(alg)} is not allowed")
+    if not isinstance(alg, str) or alg not in issuer.algorithms or alg not in _ALGORITHMS:
+        raise Denied(
+            Reason.ALG_NOT_ALLOWED,
+            f"alg {_show(alg)} is not allowed for {issuer.name}",
+        )
     typ = header.get("typ", "JWT")
-    if not isinstance(typ, str) or typ.upper() != "JWT":
+    if not isinstance(typ, str) or typ.upper() not in PROVIDER_TYPES[issuer.provider]:
         raise Denied(Reason.BAD_HEADER, f"typ {_show(typ)}, expected JWT")
     kid = header.get("kid")
     if (
@@ -214,13 +299,43 @@ def check_header(header: dict[str, object], allowed: frozenset[str]) -> tuple[st
     return alg, kid
 
 
-def check_signature(alg: str, key: VerifyKey, signing_input: bytes, sig_b64: str) -> None:
+def check_alb_header(
+    header: Mapping[str, object],
+    payload: Mapping[str, object],
+    audience: tuple[str, ...],
+) -> None:
+    """An ALB token is bound to its load balancer by the ``signer`` header member (its ARN),
+    which the policy lists in ``audience``: an ALB token has no ``aud``. The header's copies
+    of ``iss`` and ``exp`` must say what the payload says."""
+    signer = header.get("signer")
+    if not isinstance(signer, str) or not signer:
+        raise Denied(Reason.BAD_HEADER, "an ALB token without a signer")
+    if signer not in audience:
+        raise Denied(
+            Reason.BAD_AUDIENCE,
+            f"signer {_show(signer)} is not this policy's ALB {_show(list(audience))}",
+        )
+    for name in ("iss", "exp"):
+        if name in header and (
+            type(header[name]) is not type(payload.get(name)) or header[name] != payload.get(name)
+        ):
+            raise Denied(Reason.BAD_CLAIMS, f"the header's {name} differs from the payload's")
+
+
+def check_signature(
+    alg: str,
+    key: VerifyKey,
+    signing_input: bytes,
+    sig_b64: str,
+    *,
+    padded: bool = False,
+) -> None:
     """Verify the signature with ``alg`` from the allow-list and a key fit for it."""
     if key.alg is not None and key.alg != alg:
         raise Denied(Reason.ALG_NOT_ALLOWED, f"key {key.kid[:16]} is for {_show(key.alg)} only")
     if not _key_fits(alg, key.key):
         raise Denied(Reason.ALG_NOT_ALLOWED, f"{alg} does not fit key type of {key.kid[:16]}")
-    signature = b64decode(sig_b64)
+    signature = b64decode(sig_b64, padded=padded)
     try:
         valid = _ALGORITHMS[alg].verify(signing_input, key.key, signature)
     except ValueError:  # e.g. an ECDSA signature of the wrong length
@@ -322,6 +437,17 @@ def identity(payload: Mapping[str, object]) -> tuple[str, str, str]:
     if not email:
         raise Denied(Reason.BAD_CLAIMS, "neither email (user) nor common_name (service token)")
     return email, sub, ""
+
+
+def subject(payload: Mapping[str, object]) -> tuple[str, str]:
+    """(email, sub) of a Google IAP, ALB or OIDC token: ``sub`` is required, ``email`` not."""
+    email = payload.get("email", "")
+    sub = payload.get("sub")
+    if not isinstance(email, str):
+        raise Denied(Reason.BAD_CLAIMS, "email must be a string")
+    if not isinstance(sub, str) or not sub:
+        raise Denied(Reason.BAD_CLAIMS, "sub is missing or not a non-empty string")
+    return email, sub
 
 
 def _show(value: object, limit: int = 80) -> str:

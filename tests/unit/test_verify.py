@@ -140,7 +140,7 @@ def mint(rsa_key, kid, foreign_key) -> Mint:
 
 @pytest.fixture
 def verifier(store, clock) -> Verifier:
-    return Verifier(issuers={ISSUER: issuer_config()}, keys=store, clock=clock, leeway=LEEWAY)
+    return Verifier(issuers=(issuer_config(),), keys=store, clock=clock, leeway=LEEWAY)
 
 
 async def reason_of(verifier: Verifier, token: str, audience: tuple[str, ...] = (AUD,)) -> Reason:
@@ -783,13 +783,13 @@ async def test_hmac_keyed_with_the_public_key_is_refused(verifier, mint, source,
 async def test_hmac_refused_even_when_the_issuer_lists_it(store, clock, mint, alg):
     # Configuration refuses HS*, but the verifier must not depend on that alone.
     cfg = issuer_config(algorithms=("RS256", alg))
-    v = Verifier(issuers={ISSUER: cfg}, keys=store, clock=clock, leeway=LEEWAY)
+    v = Verifier(issuers=(cfg,), keys=store, clock=clock, leeway=LEEWAY)
     token = mint.hmac(alg, mint.public_encodings()["spki-pem"])
     assert await reason_of(v, token) is Reason.ALG_NOT_ALLOWED
     # Refused on the header alone: an HMAC token with a fresh kid costs no refetch.
     fresh_kid = mint.hmac(alg, b"secret", header=mint.header(alg=alg, kid="attacker"))
     assert await reason_of(v, fresh_kid) is Reason.ALG_NOT_ALLOWED
-    assert store.get(ISSUER).source.calls == 1  # type: ignore[union-attr]
+    assert store.get("team").source.calls == 1  # type: ignore[union-attr]
 
 
 OTHER_ALGORITHMS = ["ES256", "PS256", "RS512", "EdDSA"]
@@ -816,7 +816,7 @@ async def test_alg_none_with_empty_signature_is_refused(verifier, mint):
 )
 async def test_issuer_allowing_several_algs_still_binds_alg_to_key(store, clock, mint, alg, reason):
     cfg = issuer_config(algorithms=("RS256", "PS256", "ES256", "EdDSA"))
-    v = Verifier(issuers={ISSUER: cfg}, keys=store, clock=clock, leeway=LEEWAY)
+    v = Verifier(issuers=(cfg,), keys=store, clock=clock, leeway=LEEWAY)
     token = mint.signed_by(alg)
     if reason is None:
         assert (await v.verify(token, (AUD,))).alg == alg
@@ -830,12 +830,12 @@ async def certs_only(issuer_keys, source, mint) -> KeyStore:
     doc = key_set([mint.key])
     source.body = json.dumps({"public_certs": doc["public_certs"]}).encode()
     assert await issuer_keys.refresh()
-    return KeyStore({ISSUER: issuer_keys})
+    return KeyStore([issuer_keys])
 
 
 async def test_ps256_verifies_with_a_key_that_has_no_alg_restriction(certs_only, clock, mint, kid):
     v = Verifier(
-        issuers={ISSUER: issuer_config(algorithms=("RS256", "PS256"))},
+        issuers=(issuer_config(algorithms=("RS256", "PS256")),),
         keys=certs_only,
         clock=clock,
         leeway=LEEWAY,
@@ -851,7 +851,7 @@ async def test_ps256_verifies_with_a_key_that_has_no_alg_restriction(certs_only,
 async def test_alg_that_does_not_fit_the_key_type_is_refused(certs_only, clock, mint, alg):
     # The issuer allows ECDSA and EdDSA, and the kid names an RSA key with no "alg" member.
     cfg = issuer_config(algorithms=("RS256", "ES256", "EdDSA"))
-    v = Verifier(issuers={ISSUER: cfg}, keys=certs_only, clock=clock, leeway=LEEWAY)
+    v = Verifier(issuers=(cfg,), keys=certs_only, clock=clock, leeway=LEEWAY)
     assert await reason_of(v, mint.signed_by(alg)) is Reason.ALG_NOT_ALLOWED
 
 
@@ -861,7 +861,7 @@ async def test_alg_of_another_issuer_is_refused_even_for_an_unrestricted_key(
     # PS256 would verify with this key (see above), but only the other issuer allows it.
     other = issuer_config(name="other", issuer=OTHER_ISSUER, algorithms=("PS256",))
     v = Verifier(
-        issuers={ISSUER: issuer_config(), OTHER_ISSUER: other},
+        issuers=(issuer_config(), other),
         keys=certs_only,
         clock=clock,
         leeway=LEEWAY,
@@ -872,7 +872,7 @@ async def test_alg_of_another_issuer_is_refused_even_for_an_unrestricted_key(
 async def test_alg_allowed_for_another_issuer_is_refused_for_this_one(store, clock, mint):
     other = issuer_config(name="other", issuer=OTHER_ISSUER, algorithms=("ES256",))
     v = Verifier(
-        issuers={ISSUER: issuer_config(), OTHER_ISSUER: other},
+        issuers=(issuer_config(), other),
         keys=store,
         clock=clock,
         leeway=LEEWAY,
@@ -966,7 +966,7 @@ async def test_header_games_are_refused_even_when_keys_are_unavailable(clock, mi
     down = FakeSource(error="connection refused")
     keys = IssuerKeys(issuer_config(), down, clock)
     await keys.refresh()
-    v = Verifier({ISSUER: issuer_config()}, KeyStore({ISSUER: keys}), clock, LEEWAY)
+    v = Verifier((issuer_config(),), KeyStore([keys]), clock, LEEWAY)
     assert await reason_of(v, mint.with_header(jku="https://evil.example")) is Reason.BAD_HEADER
     assert await reason_of(v, mint.with_header(alg="none")) is Reason.ALG_NOT_ALLOWED
     assert await reason_of(v, "garbage") is Reason.MALFORMED
@@ -1457,9 +1457,9 @@ async def test_token_of_another_configured_issuer_is_not_verified_with_this_issu
     # The second issuer's keys were never fetched: a token naming it gets "cannot decide",
     # never a check against the first issuer's keys.
     other_keys = IssuerKeys(issuer_config(name="other", issuer=OTHER_ISSUER), FakeSource(), clock)
-    keys = KeyStore({ISSUER: store.get(ISSUER), OTHER_ISSUER: other_keys})  # type: ignore[dict-item]
+    keys = KeyStore([store.get("team"), other_keys])  # type: ignore[list-item]
     v = Verifier(
-        issuers={ISSUER: issuer_config(), OTHER_ISSUER: issuer_config(issuer=OTHER_ISSUER)},
+        issuers=(issuer_config(), issuer_config(name="other", issuer=OTHER_ISSUER)),
         keys=keys,
         clock=clock,
         leeway=LEEWAY,
@@ -1625,7 +1625,7 @@ async def test_store_whose_first_fetch_failed_cannot_decide(clock, mint):
     down = FakeSource(error="HTTP 503")
     keys = IssuerKeys(issuer_config(), down, clock)
     await keys.refresh()
-    v = Verifier({ISSUER: issuer_config()}, KeyStore({ISSUER: keys}), clock, LEEWAY)
+    v = Verifier((issuer_config(),), KeyStore([keys]), clock, LEEWAY)
     with pytest.raises(KeysUnavailable) as ex:
         await v.verify(mint.valid(), (AUD,))
     assert ex.value.reason is Reason.KEYS_UNAVAILABLE
@@ -1651,8 +1651,8 @@ class _SyncVerifier:
         keys = IssuerKeys(issuer_config(), self.source, FakeClock())
         assert self.loop.run_until_complete(keys.refresh())
         self.verifier = Verifier(
-            issuers={ISSUER: issuer_config()},
-            keys=KeyStore({ISSUER: keys}),
+            issuers=(issuer_config(),),
+            keys=KeyStore([keys]),
             clock=FakeClock(),
             leeway=LEEWAY,
         )
@@ -1892,7 +1892,10 @@ def _jws_outcome(jws: str, public_jwk: dict | None) -> Reason | None:
     """What authd's verification steps say about a compact JWS: None means the signature holds."""
     try:
         header_b64, payload_b64, sig_b64 = split(jws)
-        alg, kid = check_header(decode_json_segment(header_b64), ASYMMETRIC_ALGORITHMS)
+        alg, kid = check_header(
+            decode_json_segment(header_b64),
+            issuer_config(algorithms=tuple(ASYMMETRIC_ALGORITHMS)),
+        )
         if public_jwk is None:
             return Reason.UNKNOWN_KID
         try:
