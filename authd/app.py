@@ -13,7 +13,7 @@ import structlog
 
 from authd import metrics
 from authd.errors import Reason
-from authd.headers import RequestFacts, extract_token
+from authd.headers import RequestFacts, find_token
 
 if TYPE_CHECKING:
     from authd.audit import Auditor
@@ -45,9 +45,8 @@ class AuthSink:
         policy = req.path[len(AUTH_PREFIX) :]
         if "/" in policy:
             policy = ""
-        sources = gen.config.token_sources
         headers = req.every_value
-        decision = await gen.authorizer.decide(policy, lambda: extract_token(sources, headers))
+        decision = await gen.authorizer.decide(policy, lambda s: find_token(s, headers))
         render(decision, resp, gen.config.nginx_cache_seconds, self.service.clock)
         seconds = time.perf_counter() - started
         metrics.observe(decision, policy in gen.authorizer.plans, seconds)

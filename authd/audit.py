@@ -150,6 +150,7 @@ class Auditor:
             "email": c.email or None if c else None,
             "sub": c.sub or None if c else None,
             "service_token": c.service_token or None if c else None,
+            "issuer": c.issuer_name if c else None,
             "iss": c.iss if c else None,
             "kid": c.kid if c else None,
             "token_id": d.token_id,
@@ -161,6 +162,8 @@ class Auditor:
             "duration_ms": round(duration_ms, 3),
             "pid": self.pid,
         }
+        if d.enrichment is not None:
+            fields["enrichment"] = d.enrichment
         if d.detail:
             fields["detail"] = d.detail
         if d.decision == "error" or d.reason is Reason.UNKNOWN_POLICY:

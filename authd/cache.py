@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from authd.config import CacheSettings
     from authd.decision import Decision
-    from authd.keys import Clock, IssuerKeys
+    from authd.keys import Clock, KeySet
     from authd.verify import Verified
 
 # What one entry costs beyond the length of its identity headers, in bytes: the key (a
@@ -50,7 +50,7 @@ class _Entry:
     valid_from: float  # wall clock: the token's window, leeway included
     valid_until: float
     deadline: float  # monotonic: max_seconds after it was stored
-    keys: IssuerKeys
+    keys: KeySet
     key_generation: int
     size: int
 

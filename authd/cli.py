@@ -502,7 +502,7 @@ async def _decide_once(cfg: Config, policy: str, token: str) -> Decision:
         keys = KeyStore.from_config(cfg.issuers, client, SystemClock())
         await asyncio.gather(*(k.refresh() for k in keys.issuers.values()))
         authorizer = Authorizer.from_config(cfg, keys, SystemClock())
-        return await authorizer.decide(policy, lambda: token)
+        return await authorizer.decide(policy, lambda _: token)
 
 
 def _explain(d: Decision, token: str) -> dict[str, object]:

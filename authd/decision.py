@@ -7,23 +7,32 @@ Everything a request can end in is a ``Decision`` value; the HTTP resource and t
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
+from authd import metrics
 from authd.cache import DecisionCache
+from authd.config import enriches
+from authd.enrich import EnrichmentFailed, IdentityClient
 from authd.errors import Denied, KeysUnavailable, Reason
-from authd.headers import HeaderPlan, token_digest, token_id
+from authd.headers import Found, HeaderPlan, token_digest, token_id
 from authd.policy import Policy
 from authd.verify import Verifier
 
 if TYPE_CHECKING:
+    import httpx
+
     from authd.claims import Claims
-    from authd.config import Config
+    from authd.config import Config, IssuerConfig, TokenSource
+    from authd.enrich import Identity
     from authd.keys import Clock, KeyStore
 
 ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType | None]
+# Finds the request's token in the policy's sources: a Found, or the bare token when where
+# it arrived is not known (``authd verify``): then every issuer the policy accepts may apply.
+TokenFinder: TypeAlias = "Callable[[Sequence[TokenSource]], Found | str]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +45,10 @@ class Decision:
     token_id: str | None = None
     rule: str | None = None  # which rule admitted the token
     cached: bool = False  # an allow served from the decision cache
+    # get-identity: None when not asked; "fresh", "cached", "skipped: ..." or "failed: RESULT"
+    enrichment: str | None = None
+    identity: Identity | None = field(default=None, repr=False)  # for `authd verify`
+    issuer_choice: str = ""  # why the token's issuer was the one chosen (`authd verify`)
     detail: str = ""  # for the log only, never the wire
     exc_info: ExcInfo | None = field(default=None, repr=False)
 
@@ -46,39 +59,95 @@ class Decision:
         return "deny" if self.status < 500 else "error"
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyPlan:
+    """One policy compiled at startup: its rules and headers, the issuers it accepts, where
+    their tokens arrive, and which of them get-identity is asked about."""
+
+    headers: HeaderPlan
+    issuers: tuple[IssuerConfig, ...]
+    sources: tuple[TokenSource, ...]
+    readers: Mapping[TokenSource, frozenset[str]]  # source -> names of the issuers reading it
+    enriched: Mapping[str, IssuerConfig]  # issuer name -> issuer, for those enriched
+
+    @property
+    def policy(self) -> Policy:
+        return self.headers.policy
+
+    @classmethod
+    def compile(cls, config: Config, policy: Policy) -> PolicyPlan:
+        issuers = config.accepted_issuers(policy.config)
+        sources = tuple({s.key: s for i in issuers for s in i.token_sources}.values())
+        return cls(
+            headers=HeaderPlan.for_policy(policy),
+            issuers=issuers,
+            sources=sources or config.token_sources,
+            readers={s: frozenset(i.name for i in issuers if i.reads(s)) for s in sources},
+            enriched={i.name: i for i in issuers if enriches(policy.config, i)},
+        )
+
+    def read_by(self, issuer_name: str, sources: Sequence[TokenSource] | None) -> bool:
+        """Whether ``issuer_name``'s tokens may arrive where this one did."""
+        if sources is None:
+            return any(i.name == issuer_name for i in self.issuers)
+        return any(issuer_name in self.readers.get(s, ()) for s in sources)
+
+
 class Authorizer:
     """Decides requests for the configured policies, remembering allows in ``cache``."""
 
     def __init__(
         self,
         verifier: Verifier,
-        plans: Mapping[str, HeaderPlan],
+        plans: Mapping[str, PolicyPlan],
         cache: DecisionCache | None = None,
+        identities: IdentityClient | None = None,
     ) -> None:
         self.verifier = verifier
         self.plans = dict(plans)
         self.cache = cache
+        self.identities = identities
 
     @classmethod
-    def from_config(cls, config: Config, keys: KeyStore, clock: Clock) -> Authorizer:
-        """Compile the policies and header plans once, at startup."""
+    def from_config(
+        cls,
+        config: Config,
+        keys: KeyStore,
+        clock: Clock,
+        client: httpx.AsyncClient | None = None,
+    ) -> Authorizer:
+        """Compile the policies and header plans once, at startup.
+
+        ``client`` makes the get-identity calls of policies that enrich (none without it).
+        """
         groups = {i.name: i.groups_claim for i in config.issuers}
         verifier = Verifier(
-            issuers={i.issuer: i for i in config.issuers},
+            issuers=config.issuers,
             keys=keys,
             clock=clock,
             leeway=config.leeway_seconds,
         )
         plans = {
-            name: HeaderPlan.for_policy(Policy(p, groups)) for name, p in config.policies.items()
+            name: PolicyPlan.compile(config, Policy(p, groups))
+            for name, p in config.policies.items()
         }
         cache = DecisionCache(config.cache, clock) if config.cache.enabled else None
-        return cls(verifier, plans, cache)
+        identities = None
+        if any(p.enriched for p in plans.values()):
+            identities = IdentityClient(
+                client,
+                clock,
+                on_fetch=metrics.enrichment_fetch,
+                on_hit=metrics.enrichment_cache_hit,
+            )
+        return cls(verifier, plans, cache, identities)
 
-    async def decide(self, policy: str, get_token: Callable[[], str]) -> Decision:
+    async def decide(self, policy: str, find: TokenFinder) -> Decision:
         """Decide one request. Never raises: a failure is an ``error`` decision (500)."""
         tid: str | None = None
         claims: Claims | None = None  # kept for the audit line of a 403
+        choice = ""
+        enrichment: str | None = None
         try:
             plan = self.plans.get(policy)
             if plan is None:
@@ -88,15 +157,33 @@ class Authorizer:
                     reason=Reason.UNKNOWN_POLICY,
                     detail="nginx asked for a policy that is not configured",
                 )
-            token = get_token()
+            found = find(plan.sources)
+            token, sources = (
+                (found, None) if isinstance(found, str) else (found.token, found.sources)
+            )
             digest = token_digest(token)
             tid = token_id(digest)
-            if self.cache is not None and (hit := self.cache.get(digest, policy)) is not None:
+            if (
+                self.cache is not None
+                and (hit := self.cache.get(digest, policy)) is not None
+                and hit.claims is not None
+                # The same token in a place its issuer does not read is not that allow.
+                and plan.read_by(hit.claims.issuer_name, sources)
+            ):
                 return hit
-            verified = await self.verifier.verify_with_keys(token, plan.policy.config.audience)
-            claims = verified.claims
-            rule = plan.policy.evaluate(claims)
-            headers = plan.render(claims)
+            verified = await self.verifier.verify_with_keys(
+                token,
+                plan.policy.config.audience,
+                sources=sources,
+                accepted=plan.issuers,
+            )
+            claims, choice = verified.claims, verified.chosen_because
+            identity: Identity | None = None
+            enriching = plan.enriched.get(claims.issuer_name)
+            if enriching is not None:
+                identity, enrichment = await self._enrich(plan, enriching, token, claims, digest)
+            rule = plan.policy.evaluate(claims, identity)
+            headers = plan.headers.render(claims, identity)
         except Denied as ex:
             return Decision(
                 status=ex.reason.status,
@@ -104,6 +191,8 @@ class Authorizer:
                 reason=ex.reason,
                 claims=claims,
                 token_id=tid,
+                enrichment=enrichment,
+                issuer_choice=choice,
                 detail=ex.detail,
             )
         except KeysUnavailable as ex:
@@ -112,7 +201,19 @@ class Authorizer:
                 policy=policy,
                 reason=ex.reason,
                 token_id=tid,
+                issuer_choice=choice,
                 detail=str(ex),
+            )
+        except EnrichmentFailed as ex:  # and the policy fails closed: authd cannot decide
+            return Decision(
+                status=Reason.ENRICHMENT_UNAVAILABLE.status,
+                policy=policy,
+                reason=Reason.ENRICHMENT_UNAVAILABLE,
+                claims=claims,
+                token_id=tid,
+                enrichment=f"failed: {ex.result}",
+                issuer_choice=choice,
+                detail=ex.detail,
             )
         except Exception:  # noqa: BLE001 -- fail closed: any bug is a 500, never a 200
             return Decision(
@@ -122,7 +223,9 @@ class Authorizer:
                 token_id=tid,
                 exc_info=sys.exc_info(),  # type: ignore[arg-type]  # inside except: never None
             )
-        if self.cache is not None:
+        # An allow without the enriched data it should have had is not worth keeping:
+        # the next request asks get-identity again.
+        if self.cache is not None and not (enrichment or "").startswith("failed"):
             # What a hit needs, and no more: the payload (up to a few KiB) stays behind.
             hit = Decision(
                 status=200,
@@ -132,6 +235,7 @@ class Authorizer:
                 token_id=tid,
                 rule=rule,
                 cached=True,
+                enrichment=None if enrichment is None else "cached",
             )
             self.cache.put(digest, policy, hit, verified)
         return Decision(
@@ -141,4 +245,37 @@ class Authorizer:
             claims=claims,
             token_id=tid,
             rule=rule,
+            enrichment=enrichment,
+            identity=identity,
+            issuer_choice=choice,
         )
+
+    async def _enrich(
+        self,
+        plan: PolicyPlan,
+        issuer: IssuerConfig,
+        token: str,
+        claims: Claims,
+        digest: bytes,
+    ) -> tuple[Identity | None, str]:
+        """get-identity's answer for this token, and what happened, for the audit line.
+
+        Raises :class:`EnrichmentFailed` when it failed and the policy fails closed.
+        """
+        if claims.service_token:
+            return None, "skipped: service token"
+        if self.identities is None or issuer.get_identity_url is None:  # compiled together
+            raise LookupError(f"no get-identity client for issuer {issuer.name}")
+        try:
+            enriched = await self.identities.identity(
+                issuer.get_identity_url,
+                issuer.get_identity_timeout_seconds,
+                token,
+                claims,
+                digest,
+            )
+        except EnrichmentFailed as ex:
+            if plan.policy.config.on_enrichment_failure == "deny":
+                raise
+            return None, f"failed: {ex.result}"
+        return enriched.identity, "cached" if enriched.cached else "fresh"

@@ -40,6 +40,7 @@ class Reason(enum.StrEnum):
     UNKNOWN_POLICY = "unknown_policy"
     # 5xx: authd cannot decide
     KEYS_UNAVAILABLE = "keys_unavailable"
+    ENRICHMENT_UNAVAILABLE = "enrichment_unavailable"
     INTERNAL_ERROR = "internal_error"
 
     @property
@@ -54,6 +55,7 @@ _STATUS: dict[Reason, int] = {
     Reason.REQUIREMENT_FAILED: 403,
     Reason.UNKNOWN_POLICY: 403,
     Reason.KEYS_UNAVAILABLE: 503,
+    Reason.ENRICHMENT_UNAVAILABLE: 503,
     Reason.INTERNAL_ERROR: 500,
 }
 

@@ -12,6 +12,7 @@ from authd.errors import Denied, Reason
 if TYPE_CHECKING:
     from authd.claims import Claims
     from authd.config import PolicyConfig, Scalar
+    from authd.enrich import Identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,28 +26,34 @@ class Policy:
     def name(self) -> str:
         return self.config.name
 
-    def groups(self, claims: Claims) -> tuple[str, ...]:
-        """The token's groups, from where its issuer puts them (``groups_claim``)."""
+    def groups(self, claims: Claims, identity: Identity | None = None) -> tuple[str, ...]:
+        """The user's groups: get-identity's full list when there is one, else the token's
+        (from where its issuer puts them, ``groups_claim``; Cloudflare trims that one)."""
+        if identity is not None:
+            return identity.group_names()
         where = self.groups_claims.get(claims.issuer_name)
         return string_list(claims.get(where)) if where else ()
 
-    def evaluate(self, claims: Claims) -> str:
+    def evaluate(self, claims: Claims, identity: Identity | None = None) -> str:
         """Return which rule admitted the token, or raise ``Denied`` (403).
 
-        ``require_claims`` must all hold; then any one ``allow_*`` list admits
-        (a policy without any admits every valid token for its audience).
+        ``require_claims`` must all hold, and the requirements over get-identity's answer
+        (``identity``); then any one ``allow_*`` list admits (a policy without any admits
+        every valid token for its audience).
         """
         for name, allowed in self.config.require_claims:
             if not _satisfies(claims.get(name), allowed):
                 raise Denied(Reason.REQUIREMENT_FAILED, f"require_claims.{name} not satisfied")
+        if self.config.needs_identity:
+            _check_identity(self.config, claims, identity)
         if self.config.admits_any:
             return "any_valid_token"
-        rule = self._admitting_rule(claims)
+        rule = self._admitting_rule(claims, identity)
         if rule is None:
             raise Denied(Reason.NOT_ALLOWED, f"no allow_* list admits {claims.user!r}")
         return rule
 
-    def _admitting_rule(self, claims: Claims) -> str | None:
+    def _admitting_rule(self, claims: Claims, identity: Identity | None) -> str | None:
         c = self.config
         if claims.service_token:
             admitted = claims.service_token in c.allow_service_tokens
@@ -65,9 +72,34 @@ class Policy:
             and any(_domain_matches(domain, d) for d in c.allow_email_domains)
         ):
             return "allow_email_domains"
-        if c.allow_groups and not c.allow_groups.isdisjoint(self.groups(claims)):
-            return "allow_groups"
+        if c.allow_groups:
+            # get-identity's groups match by name or id; the token's by what it lists.
+            held = identity.group_refs() if identity is not None else self.groups(claims)
+            if not c.allow_groups.isdisjoint(held):
+                return "allow_groups"
         return None
+
+
+def _check_identity(c: PolicyConfig, claims: Claims, identity: Identity | None) -> None:
+    """``require_posture``, ``require_idp_types`` and ``require_amr``: only get-identity's
+    answer can satisfy them, so a token without one (a service token, another issuer's)
+    is refused."""
+    if identity is None:
+        why = "a service token" if claims.service_token else f"issuer {claims.issuer_name}"
+        raise Denied(
+            Reason.REQUIREMENT_FAILED,
+            f"the policy requires get-identity's answer, which {why} does not have",
+        )
+    for rule in c.require_posture:
+        if not identity.posture_passed(rule):
+            raise Denied(Reason.REQUIREMENT_FAILED, f"require_posture: {rule!r} did not pass")
+    if c.require_idp_types and identity.idp_type not in c.require_idp_types:
+        raise Denied(
+            Reason.REQUIREMENT_FAILED,
+            f"require_idp_types: idp.type is {identity.idp_type!r}",
+        )
+    if c.require_amr and c.require_amr.isdisjoint(identity.amr):
+        raise Denied(Reason.REQUIREMENT_FAILED, f"require_amr: amr is {list(identity.amr)!r}")
 
 
 def _domain_matches(domain: str, allowed: str) -> bool:

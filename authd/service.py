@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from authd.audit import AuditFile
     from authd.config import Config
-    from authd.keys import Clock, FetchObserver, IssuerKeys
+    from authd.keys import Clock, FetchObserver, KeySet
 
 log = structlog.get_logger("authd.service")
 
@@ -52,7 +52,7 @@ def build_generation(
 ) -> Generation:
     """Key sets (reusing ``reuse``'s where an issuer is unchanged) and compiled policies."""
     keys = KeyStore.from_config(cfg.issuers, client, clock, on_fetch, reuse=reuse)
-    return Generation(cfg, keys, Authorizer.from_config(cfg, keys, clock))
+    return Generation(cfg, keys, Authorizer.from_config(cfg, keys, clock, client))
 
 
 class Service:
@@ -144,7 +144,7 @@ class Service:
         return f"waiting for keys (503 until they arrive): {waiting}"
 
 
-def record_fetch(keys: IssuerKeys, ok: bool) -> None:
+def record_fetch(keys: KeySet, ok: bool) -> None:
     """The metrics' view of a key fetch."""
     metrics.key_fetch(keys.name, ok=ok, wall_time=time.time())
     metrics.keys_usable(keys.name, keys.usable())

@@ -58,7 +58,7 @@ def header_names(config: Config) -> list[str]:
     """authd's own identity headers, then every custom header of every policy."""
     names = {n.lower(): n for n in DEFAULT_HEADER_NAMES}
     for policy in config.policies.values():
-        for name, _ in policy.headers:
+        for name, _ in policy.all_headers:
             names.setdefault(name.lower(), name)
     return list(names.values())
 
@@ -147,9 +147,9 @@ location = {AUTH_LOCATION} {{
 
 
 def cache_key(config: Config) -> str:
-    """The micro-cache key: the policy, then each token source's whole value."""
+    """The micro-cache key: the policy, then the whole value of every issuer's token source."""
     parts = [f"${POLICY_VARIABLE}"]
-    for source in config.token_sources or _default_sources():
+    for source in config.token_sources_in_use() or _default_sources():
         if source.kind == "cookie":
             parts.append("$http_cookie")  # every cookie: the same name may come twice
         elif source.kind == "bearer":

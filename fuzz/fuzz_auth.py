@@ -87,7 +87,9 @@ with atheris.instrument_imports(include=["authd"]):
     from authd.keys import IssuerKeys, KeyStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
+
+    from authd.config import TokenSource
 
 # The reference's own copy of authd's documented limits (README: reason codes), written down
 # again rather than imported: a change to authd's values must show up as a disagreement.
@@ -329,13 +331,13 @@ class Target:
         issuer_keys = IssuerKeys(self.issuer, StaticSource(self.keys.jwks), FixedClock())
         if not self.loop.run_until_complete(issuer_keys.refresh()):
             raise RuntimeError("the fuzz key set did not load")
-        self.store = KeyStore({ISSUER: issuer_keys})
+        self.store = KeyStore([issuer_keys])
         self.authorizer = Authorizer.from_config(self.config, self.store, FixedClock())
         self.valid = sign(self.keys.signers[0], claims())
         self.bob = sign(self.keys.signers[1], claims(email="bob@example.com"))
         self.expired = sign(self.keys.signers[2], claims(exp=int(NOW) - 3600, iat=int(NOW) - 7200))
 
-    def decide(self, policy: str, get_token: Callable[[], str]) -> Decision:
+    def decide(self, policy: str, get_token: Callable[[Sequence[TokenSource]], str]) -> Decision:
         return self.loop.run_until_complete(self.authorizer.decide(policy, get_token))
 
 
@@ -686,13 +688,13 @@ def test_one_input(data: bytes) -> None:
     if mode == 0:
         policy = POLICY_NAMES[data[1] % len(POLICY_NAMES)] if len(data) > 1 else "wiki"
         token: str | None = data[2:].decode("latin-1")
-        decision = target.decide(policy, lambda: data[2:].decode("latin-1"))
+        decision = target.decide(policy, lambda _: data[2:].decode("latin-1"))
     elif mode == 1:
         fdp = atheris.FuzzedDataProvider(data[1:])
         policy = fdp.PickValueInList(POLICY_NAMES)
         token = structured(target, fdp)
         built = token
-        decision = target.decide(policy, lambda: built)
+        decision = target.decide(policy, lambda _: built)
     else:
         fdp = atheris.FuzzedDataProvider(data[1:])
         policy = fdp.PickValueInList(POLICY_NAMES)
@@ -700,9 +702,9 @@ def test_one_input(data: bytes) -> None:
         headers = EveryValue(lines)
         extracted: list[str] = []
 
-        def get_token() -> str:
+        def get_token(sources: Sequence[TokenSource]) -> str:
             try:
-                extracted.append(extract_token(target.config.token_sources, headers))
+                extracted.append(extract_token(sources, headers))
             except Denied:
                 raise
             except Exception as ex:
@@ -732,7 +734,7 @@ def self_check(target: Target) -> None:
     for signer in target.keys.signers[:3]:
         token = sign(signer, claims())
         for policy in POLICIES:
-            decision = target.decide(policy, lambda t=token: t)
+            decision = target.decide(policy, lambda _, t=token: t)
             if decision.status != 200 or reference(target, token, policy) is None:
                 raise RuntimeError(f"{signer.name} token for {policy}: {decision}")
             check(target, policy, decision, token)

@@ -250,7 +250,7 @@ async def test_request_facts_never_change_the_decision(client, forge, facts):
 async def test_keys_unavailable_is_503_but_no_token_stays_401(config, clock, forge, source):
     source.error = "connection refused"
     keys = IssuerKeys(issuer_config(), source, clock)
-    store = KeyStore({ISSUER: keys})
+    store = KeyStore([keys])
     app = create_app(service=make_service(config, store, clock), auditor=Auditor())
     async with falcon.testing.ASGIConductor(app) as client:
         assert (await client.simulate_get("/readyz")).status_code == 503
@@ -272,7 +272,7 @@ async def test_keys_unavailable_is_503_but_no_token_stays_401(config, clock, for
 
 
 class Exploding:
-    async def verify_with_keys(self, _token, _audience):
+    async def verify_with_keys(self, _token, _audience, **_where):
         raise RuntimeError("a bug somewhere deep")
 
 

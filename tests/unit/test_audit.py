@@ -53,6 +53,7 @@ def test_decision_lines_are_json_with_rfc3339_utc_timestamps():
         "email",
         "sub",
         "service_token",
+        "issuer",
         "iss",
         "kid",
         "token_id",

@@ -44,9 +44,9 @@ def signatures(monkeypatch):
     checked = []
     original = verify.check_signature
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         checked.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(verify, "check_signature", counting)
     return checked
@@ -54,8 +54,8 @@ def signatures(monkeypatch):
 
 async def test_the_second_request_is_a_hit_with_the_same_answer(authorizer, forge, signatures):
     token = forge.valid()
-    first = await authorizer.decide("wiki", lambda: token)
-    second = await authorizer.decide("wiki", lambda: token)
+    first = await authorizer.decide("wiki", lambda _: token)
+    second = await authorizer.decide("wiki", lambda _: token)
     assert (first.status, first.cached, second.status, second.cached) == (200, False, 200, True)
     assert second.headers == first.headers
     assert (second.rule, second.token_id, second.policy) == (first.rule, first.token_id, "wiki")
@@ -66,8 +66,8 @@ async def test_the_second_request_is_a_hit_with_the_same_answer(authorizer, forg
 
 async def test_a_hit_holds_no_token_payload(authorizer, forge):
     token = forge.valid()
-    await authorizer.decide("wiki", lambda: token)
-    hit = await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
+    hit = await authorizer.decide("wiki", lambda _: token)
     assert hit.claims is not None
     assert dict(hit.claims.payload) == {}
 
@@ -75,7 +75,7 @@ async def test_a_hit_holds_no_token_payload(authorizer, forge):
 async def test_denials_are_never_cached(authorizer, forge, signatures):
     refused = forge.valid(email="mallory@evil.example")
     for _ in range(2):
-        d = await authorizer.decide("wiki", lambda: refused)
+        d = await authorizer.decide("wiki", lambda _: refused)
         assert (d.status, d.reason, d.cached) == (403, Reason.NOT_ALLOWED, False)
     assert len(signatures) == 2
     assert len(authorizer.cache) == 0
@@ -83,51 +83,51 @@ async def test_denials_are_never_cached(authorizer, forge, signatures):
 
 async def test_an_allow_for_one_policy_is_not_an_allow_for_another(authorizer, forge):
     token = forge.valid()
-    assert (await authorizer.decide("wiki", lambda: token)).status == 200
-    d = await authorizer.decide("ops", lambda: token)
+    assert (await authorizer.decide("wiki", lambda _: token)).status == 200
+    d = await authorizer.decide("ops", lambda _: token)
     assert (d.status, d.reason, d.cached) == (403, Reason.NOT_ALLOWED, False)
 
 
 async def test_another_token_of_the_same_user_is_verified_on_its_own(authorizer, forge):
     await authorizer.decide("wiki", forge.valid)
-    other = await authorizer.decide("wiki", lambda: forge.valid(identity_nonce="nonce-2"))
+    other = await authorizer.decide("wiki", lambda _: forge.valid(identity_nonce="nonce-2"))
     assert (other.status, other.cached) == (200, False)
 
 
 async def test_a_token_tampered_after_its_allow_is_refused(authorizer, forge):
     token = forge.valid()
-    await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
     tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BA")
-    d = await authorizer.decide("wiki", lambda: tampered)
+    d = await authorizer.decide("wiki", lambda _: tampered)
     assert (d.status, d.reason) == (401, Reason.BAD_SIGNATURE)
 
 
 async def test_a_hit_ends_when_the_token_expires(authorizer, forge, clock):
     token = forge.valid(exp=int(NOW) + 60)
-    await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
     clock.advance(60 + 30 - 1)  # exp + leeway (30 s), less a second: still valid
-    assert (await authorizer.decide("wiki", lambda: token)).cached
+    assert (await authorizer.decide("wiki", lambda _: token)).cached
     clock.advance(1)
-    d = await authorizer.decide("wiki", lambda: token)
+    d = await authorizer.decide("wiki", lambda _: token)
     assert (d.status, d.reason, d.cached) == (401, Reason.EXPIRED, False)
 
 
 async def test_a_hit_ends_when_the_clock_goes_back_before_nbf(authorizer, forge, clock):
     token = forge.valid(nbf=int(NOW), iat=int(NOW))
-    await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
     clock.now -= 31  # before nbf - leeway: the token is not valid yet at this time
-    d = await authorizer.decide("wiki", lambda: token)
+    d = await authorizer.decide("wiki", lambda _: token)
     assert (d.status, d.reason, d.cached) == (401, Reason.NOT_YET_VALID, False)
 
 
 async def test_an_entry_lives_at_most_max_seconds(store, forge, clock, signatures):
     authorizer = authorizer_for(store, clock, max_seconds=10)
     token = forge.valid()
-    await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
     clock.mono += 9.9
-    assert (await authorizer.decide("wiki", lambda: token)).cached
+    assert (await authorizer.decide("wiki", lambda _: token)).cached
     clock.mono += 0.1
-    d = await authorizer.decide("wiki", lambda: token)
+    d = await authorizer.decide("wiki", lambda _: token)
     assert (d.status, d.cached) == (200, False)
     assert len(signatures) == 2
 
@@ -136,48 +136,48 @@ async def test_a_changed_key_set_ends_every_hit(authorizer, forge, issuer_keys, 
     from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
 
     token = forge.valid()
-    await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
     source.serve(rsa_key, rsa.generate_private_key(public_exponent=65537, key_size=2048))
     await issuer_keys.refresh()  # a key added: the set changed
-    d = await authorizer.decide("wiki", lambda: token)
+    d = await authorizer.decide("wiki", lambda _: token)
     assert (d.status, d.cached) == (200, False)
-    assert (await authorizer.decide("wiki", lambda: token)).cached
+    assert (await authorizer.decide("wiki", lambda _: token)).cached
 
 
 async def test_a_key_removed_from_the_set_refuses_its_cached_tokens(
     authorizer, forge, issuer_keys, source, foreign_key
 ):
     token = forge.valid()
-    await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
     source.serve(foreign_key)  # the signing key is withdrawn (rotated out, or compromised)
     await issuer_keys.refresh()
-    d = await authorizer.decide("wiki", lambda: token)
+    d = await authorizer.decide("wiki", lambda _: token)
     assert (d.status, d.reason) == (401, Reason.UNKNOWN_KID)
 
 
 async def test_an_unchanged_refetch_keeps_the_hits(authorizer, forge, issuer_keys):
     token = forge.valid()
-    await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
     await issuer_keys.refresh()  # the same set again
-    assert (await authorizer.decide("wiki", lambda: token)).cached
+    assert (await authorizer.decide("wiki", lambda _: token)).cached
 
 
 async def test_no_hit_once_the_keys_are_unusable(authorizer, forge, issuer_keys, clock, source):
     token = forge.valid()
-    await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
     source.error = "down"
     clock.mono += issuer_keys.config.refresh_seconds + issuer_keys.config.max_stale_seconds + 1
-    d = await authorizer.decide("wiki", lambda: token)
+    d = await authorizer.decide("wiki", lambda _: token)
     assert (d.status, d.reason) == (503, Reason.KEYS_UNAVAILABLE)
 
 
 async def test_a_new_configuration_starts_with_an_empty_cache(store, forge, clock):
     token = forge.valid()
     before = authorizer_for(store, clock)
-    await before.decide("wiki", lambda: token)
+    await before.decide("wiki", lambda _: token)
     cfg = make_config(wiki={"audience": [OTHER_AUD]})  # the application's audience changed
     after = Authorizer.from_config(cfg, store, clock)
-    d = await after.decide("wiki", lambda: token)
+    d = await after.decide("wiki", lambda _: token)
     assert (d.status, d.reason, d.cached) == (401, Reason.BAD_AUDIENCE, False)
 
 
@@ -185,7 +185,7 @@ async def test_the_cache_can_be_turned_off(store, forge, clock, signatures):
     authorizer = authorizer_for(store, clock, enabled=False)
     token = forge.valid()
     for _ in range(3):
-        d = await authorizer.decide("wiki", lambda: token)
+        d = await authorizer.decide("wiki", lambda _: token)
         assert (d.status, d.cached) == (200, False)
     assert authorizer.cache is None
     assert len(signatures) == 3
@@ -194,14 +194,14 @@ async def test_the_cache_can_be_turned_off(store, forge, clock, signatures):
 async def test_the_least_recently_used_entry_goes_first(store, forge, clock):
     authorizer = authorizer_for(store, clock, max_entries=2)
     a, b, c = (forge.valid(identity_nonce=n) for n in "abc")
-    await authorizer.decide("wiki", lambda: a)
-    await authorizer.decide("wiki", lambda: b)
-    assert (await authorizer.decide("wiki", lambda: a)).cached  # a is now the most recent
-    await authorizer.decide("wiki", lambda: c)  # evicts b
+    await authorizer.decide("wiki", lambda _: a)
+    await authorizer.decide("wiki", lambda _: b)
+    assert (await authorizer.decide("wiki", lambda _: a)).cached  # a is now the most recent
+    await authorizer.decide("wiki", lambda _: c)  # evicts b
     assert len(authorizer.cache) == 2
-    assert (await authorizer.decide("wiki", lambda: a)).cached
-    assert (await authorizer.decide("wiki", lambda: c)).cached
-    assert not (await authorizer.decide("wiki", lambda: b)).cached
+    assert (await authorizer.decide("wiki", lambda _: a)).cached
+    assert (await authorizer.decide("wiki", lambda _: c)).cached
+    assert not (await authorizer.decide("wiki", lambda _: b)).cached
 
 
 async def test_the_memory_bound_evicts_too(store, forge, clock):
@@ -210,8 +210,8 @@ async def test_the_memory_bound_evicts_too(store, forge, clock):
     assert cache is not None
     token = forge.valid()
     verified = await authorizer.verifier.verify_with_keys(token, (AUD,))
-    await authorizer.decide("wiki", lambda: token)
-    stored = await authorizer.decide("wiki", lambda: token)
+    await authorizer.decide("wiki", lambda _: token)
+    stored = await authorizer.decide("wiki", lambda _: token)
     count = 2000  # a megabyte holds about 550 ordinary entries
     for n in range(count):
         cache.put(token_digest(f"token-{n}"), "wiki", stored, verified)
@@ -225,8 +225,8 @@ async def test_the_size_accounting_does_not_undercount(authorizer, forge, clock)
     """``max_megabytes`` bounds real memory: each entry costs at most what it is counted as."""
     token = forge.valid()
     verified = await authorizer.verifier.verify_with_keys(token, (AUD,))
-    await authorizer.decide("wiki", lambda: token)
-    stored = await authorizer.decide("wiki", lambda: token)  # an entry's decision, as kept
+    await authorizer.decide("wiki", lambda _: token)
+    stored = await authorizer.decide("wiki", lambda _: token)  # an entry's decision, as kept
     assert stored.cached
     assert stored.claims is not None
     cache = DecisionCache(CacheSettings(max_entries=10**6, max_megabytes=1024), clock)

@@ -63,7 +63,9 @@ def test_check_config_lists_every_problem_and_fails(capsys, tmp_path):
         "listen: expected HOST:PORT or unix:/path/to.sock, got 'x'",
         (
             "policies.wiki.audience: required: the AUD tag(s) of the Access application this "
-            "policy protects (Zero Trust dashboard > Access > Applications > Overview)"
+            "policy protects (Zero Trust dashboard > Access > Applications > Overview); for "
+            "Google IAP the backend's /projects/... audience, for OIDC the client id, for an "
+            "AWS ALB its ARN"
         ),
         "policies.wiki.allow_emails: 'nope' is not an email address",
         "surprise: unknown key",

@@ -12,7 +12,7 @@ def authorizer(store, clock):
 
 
 async def test_allow_carries_claims_rule_and_headers(authorizer, forge):
-    d = await authorizer.decide("wiki", forge.valid)
+    d = await authorizer.decide("wiki", lambda _: forge.valid())
     assert (d.decision, d.status, d.rule) == ("allow", 200, "allow_emails")
     assert d.claims is not None
     assert d.claims.email == "alice@example.com"
@@ -21,7 +21,7 @@ async def test_allow_carries_claims_rule_and_headers(authorizer, forge):
 
 
 async def test_a_refusal_keeps_who_it_was_for_the_log(authorizer, forge):
-    d = await authorizer.decide("wiki", lambda: forge.valid(email="bob@example.com"))
+    d = await authorizer.decide("wiki", lambda _: forge.valid(email="bob@example.com"))
     assert (d.decision, d.status, d.reason) == ("deny", 403, Reason.NOT_ALLOWED)
     assert d.claims is not None
     assert d.claims.email == "bob@example.com"
@@ -29,13 +29,13 @@ async def test_a_refusal_keeps_who_it_was_for_the_log(authorizer, forge):
 
 
 async def test_an_invalid_token_has_a_fingerprint_but_no_claims(authorizer):
-    d = await authorizer.decide("wiki", lambda: "a.b.c")
+    d = await authorizer.decide("wiki", lambda _: "a.b.c")
     assert (d.status, d.reason, d.claims) == (401, Reason.MALFORMED, None)
     assert d.token_id is not None
 
 
 async def test_the_policy_is_checked_before_the_token(authorizer):
-    def never() -> str:
+    def never(_sources: object) -> str:
         raise AssertionError("the token must not be read for an unknown policy")
 
     d = await authorizer.decide("nope", never)
@@ -46,7 +46,7 @@ async def test_the_policy_is_checked_before_the_token(authorizer):
     "error", [RuntimeError("bug"), KeyError("x"), RecursionError(), MemoryError()]
 )
 async def test_decide_never_raises_and_never_allows_on_a_failure(authorizer, error):
-    def explode() -> str:
+    def explode(_sources: object) -> str:
         raise error
 
     d = await authorizer.decide("wiki", explode)

@@ -22,7 +22,7 @@ CONTRACT = {
         "unsafe_claim_value",
     },
     403: {"not_allowed", "requirement_failed", "unknown_policy"},
-    503: {"keys_unavailable"},
+    503: {"keys_unavailable", "enrichment_unavailable"},
     500: {"internal_error"},
 }
 

@@ -195,6 +195,7 @@ def test_default_identity_headers_for_a_user():
         "X-Authd-Groups": "sre,a%2Cb,Jos%C3%A9",
         "X-Authd-Country": "DE",
         "X-Authd-Policy": "wiki",
+        "X-Authd-Issuer": "cf",
     }
 
 
@@ -204,6 +205,7 @@ def test_service_token_headers_leave_out_empty_values():
         "X-Authd-User": "abc.access",
         "X-Authd-Service-Token": "abc.access",
         "X-Authd-Policy": "wiki",
+        "X-Authd-Issuer": "cf",
     }
 
 

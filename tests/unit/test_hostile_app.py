@@ -93,6 +93,7 @@ IDENTITY = {
     "x-authd-groups": "sre,ops",
     "x-authd-country": "DE",
     "x-authd-policy": "wiki",
+    "x-authd-issuer": "team",
 }
 
 
@@ -910,7 +911,7 @@ def mint(rsa_key, kid, foreign_key) -> Mint:
 async def barrage(mint):
     source = FakeSource(body=junk_key_set(mint))
     clock = FakeClock()  # never moves: the one refetch's cooldown lasts the whole barrage
-    store = KeyStore({mint_issuer(): IssuerKeys(issuer_config(), source, clock)})
+    store = KeyStore([IssuerKeys(issuer_config(), source, clock)])
     app = create_app(service=make_service(make_config(**POLICIES), store, clock), auditor=Auditor())
     async with falcon.testing.ASGIConductor(app) as conductor:  # runs startup: the first fetch
         yield Barrage(app, conductor, source)
@@ -1017,6 +1018,7 @@ async def test_after_the_barrage_a_valid_token_still_gets_200_with_its_identity(
             "x-authd-user": SERVICE_TOKEN_ID,
             "x-authd-service-token": SERVICE_TOKEN_ID,
             "x-authd-policy": "ops",
+            "x-authd-issuer": "team",
         },
     )
     ready = await barrage.conductor.simulate_get("/readyz")
@@ -1040,7 +1042,7 @@ class SyncApp:
         source.serve(mint.key)
         keys = IssuerKeys(issuer_config(), source, clock)
         assert self.loop.run_until_complete(keys.refresh())
-        store = KeyStore({mint_issuer(): keys})
+        store = KeyStore([keys])
         service = make_service(make_config(**POLICIES), store, clock)
         self.app = create_app(service=service, auditor=Auditor())
 

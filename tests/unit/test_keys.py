@@ -583,7 +583,7 @@ async def test_stale_window_follows_the_configuration(source, clock):
 
 
 async def test_cold_start_failure_is_not_usable_then_recovers(issuer_keys, source, rsa_key, kid):
-    store = KeyStore({ISSUER: issuer_keys})
+    store = KeyStore([issuer_keys])
     source.error = "timed out after 10s"
     assert not await issuer_keys.refresh()
     assert not issuer_keys.usable()
@@ -747,17 +747,18 @@ async def test_key_store_start_does_not_fail_on_a_cold_start_failure(clock, rsa_
     up.serve(rsa_key)
     other = "https://other.cloudflareaccess.com"
     store = KeyStore(
-        {
-            ISSUER: IssuerKeys(issuer_config(), up, clock),
-            other: IssuerKeys(issuer_config(name="other", issuer=other), down, clock),
-        },
+        [
+            IssuerKeys(issuer_config(), up, clock),
+            IssuerKeys(issuer_config(name="other", issuer=other), down, clock),
+        ],
     )
     await store.start()
     try:
-        assert store.get(ISSUER).usable()  # type: ignore[union-attr]
-        assert not store.get(other).usable()  # type: ignore[union-attr]
+        assert store.get("team").usable()  # type: ignore[union-attr]
+        assert not store.get("other").usable()  # type: ignore[union-attr]
         assert not store.ready()
-        assert store.get("https://unknown.example") is None
+        assert store.get("unknown") is None
+        assert store.get(ISSUER) is None  # by issuer name, not by iss
     finally:
         await store.stop()
     assert (up.calls, down.calls) == (1, 1)
@@ -1053,8 +1054,8 @@ async def test_key_store_from_config_reads_urls_and_files(
     await store.start()
     try:
         assert store.ready()
-        for iss in (ISSUER, "https://f.example"):
-            assert (await store.get(iss).key_for(kid)).kid == kid  # type: ignore[union-attr]
+        for name in ("team", "f"):
+            assert (await store.get(name).key_for(kid)).kid == kid  # type: ignore[union-attr]
     finally:
         await store.stop()
     assert key_server.requested == ["/certs"]

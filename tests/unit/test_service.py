@@ -65,7 +65,7 @@ async def service(path, store, clock):
 
 
 async def decide(service: Service, token: str, policy: str = "wiki"):
-    return await service.current.authorizer.decide(policy, lambda: token)
+    return await service.current.authorizer.decide(policy, lambda _: token)
 
 
 async def test_a_valid_file_changes_the_policy_and_keeps_and_refreshes_the_keys(
@@ -80,7 +80,7 @@ async def test_a_valid_file_changes_the_policy_and_keeps_and_refreshes_the_keys(
 
     assert (await decide(service, forge.valid())).reason is Reason.NOT_ALLOWED
     assert (await decide(service, forge.valid(email="bob@example.com"))).status == 200
-    assert service.current.keys.get(ISSUER) is issuer_keys  # unchanged issuer: same keys
+    assert service.current.keys.get("team") is issuer_keys  # unchanged issuer: same keys
     assert source.calls == calls + 1  # ... refetched now
     assert [e["event"] for e in logs if e["event"] == "reloaded"] == ["reloaded"]
 
@@ -150,7 +150,7 @@ def test_status_lines(path, store, clock, source):
         return Service(generation, path=None, client=httpx.AsyncClient(), clock=clock)
 
     empty = config.parse({})
-    assert service_for(empty, KeyStore({})).status().startswith("not configured")
+    assert service_for(empty, KeyStore([])).status().startswith("not configured")
     cfg = config.load(path)
     assert service_for(cfg, store).status() == "ready: keys loaded for 1 issuer(s)"
     source.error = "connection refused"
@@ -196,7 +196,7 @@ async def test_a_reload_keeps_the_keys_when_only_other_issuer_settings_change(
 
     assert await service.reload() is True
 
-    keys = service.current.keys.get(ISSUER)
+    keys = service.current.keys.get("team")
     assert keys is issuer_keys
     assert keys.config.refresh_seconds == 600
     assert (await decide(service, forge.valid())).status == 200
@@ -206,7 +206,7 @@ async def test_another_key_source_is_a_new_key_set(service, path, issuer_keys):
     # Loopback, where nothing listens: the new key set's first fetch fails at once.
     path.write_text(path.read_text().replace(JWKS_URL, "http://127.0.0.1:9/certs"))
     assert await service.reload() is True
-    assert service.current.keys.get(ISSUER) is not issuer_keys
+    assert service.current.keys.get("team") is not issuer_keys
 
 
 def test_an_audit_file_that_cannot_be_reopened_keeps_the_open_one(tmp_path):
