@@ -124,7 +124,7 @@ async def measure(workdir: Path, calls: int, *, profile: bool) -> None:
     await whole()  # the first request verifies; the rest are hits
     headers = EveryValue(scope["headers"])
     facts = RequestFacts.from_request(headers, "GET")
-    hit = await authorizer.decide("wiki", lambda: warm)
+    hit = await authorizer.decide("wiki", lambda _: warm)
     assert hit.cached
     assert authorizer.cache is not None
     digest = token_digest(warm)
@@ -147,7 +147,7 @@ async def measure(workdir: Path, calls: int, *, profile: bool) -> None:
         (
             "a cache miss: decide() verifying RS256",
             await per_call_async(
-                lambda: authorizer.decide("wiki", lambda: next(pending)), len(fresh) // 5
+                lambda: authorizer.decide("wiki", lambda _: next(pending)), len(fresh) // 5
             ),
         )
     )
