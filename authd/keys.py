@@ -9,15 +9,23 @@ is too stale to trust.
 
 JWK parsing uses PyJWT's algorithm classes (``from_jwk``); everything else about a
 fetched document (what to drop, what counts as a duplicate) is decided here.
+
+Per provider: a JWKS at a URL or in a file (Cloudflare, Google IAP), a JWKS found through
+OpenID discovery (:class:`DiscoverySource`), or an AWS ALB's one PEM key per ``kid``
+(:class:`AlbKeys`, fetched lazily: there is no set to download).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import re
 import time
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeAlias
@@ -25,11 +33,16 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidKeyError
 
 from authd import fetch
+from authd.config import url_problem
 from authd.errors import Denied, FetchError, KeysUnavailable, Reason
 from authd.fetch import MAX_BODY_BYTES, Fetched
 
@@ -47,6 +60,14 @@ MAX_KID_LENGTH = 256
 # stay well below the nginx snippet's proxy_read_timeout (5 s), or nginx answers 500.
 UNKNOWN_KID_WAIT_SECONDS = 3.0
 RETRY_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# A discovery document is a few KiB (Keycloak's, among the largest, about 10).
+MAX_DISCOVERY_BYTES = 256 * 1024
+# AWS ALB: the only kids ever put into a key URL (AWS's are UUIDs). No '/', '.', '%',
+# '?' or '#': a kid can name one key under alb_keys_url and nothing else.
+ALB_KID = re.compile(r"[A-Za-z0-9-]{1,128}")
+MAX_PEM_BYTES = 16 * 1024  # a P-256 public key in PEM is 178 bytes
+ALB_MAX_KEYS = 64  # known kids kept (least recently used dropped first)
+ALB_MAX_NEW_KIDS = 10  # fetches of kids not yet known, per refetch_cooldown_seconds
 
 PublicKeyType: TypeAlias = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
@@ -68,8 +89,33 @@ class SystemClock:
         return time.monotonic()
 
 
+class KeySet(Protocol):
+    """One issuer's keys as the rest of authd sees them: :class:`IssuerKeys` (a key set
+    document, refreshed) or :class:`AlbKeys` (one key per kid, fetched when first seen)."""
+
+    @property
+    def config(self) -> IssuerConfig: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def generation(self) -> int:
+        """Changes whenever a key this set vouched for may be gone (cached allows die)."""
+        ...
+
+    @property
+    def last_error(self) -> str | None: ...
+    @property
+    def fetches(self) -> dict[str, int]: ...
+    def usable(self) -> bool: ...
+    def age(self) -> float | None: ...
+    def kids(self) -> list[str]: ...
+    async def key_for(self, kid: str) -> VerifyKey: ...
+    async def refresh(self) -> bool: ...
+    async def run(self) -> None: ...
+
+
 # Told about every fetch's outcome (the metrics listen here).
-FetchObserver: TypeAlias = "Callable[[IssuerKeys, bool], None]"
+FetchObserver: TypeAlias = "Callable[[KeySet, bool], None]"
 
 
 class KeySource(Protocol):
@@ -125,6 +171,90 @@ def _read_capped(path: Path) -> bytes:
     if len(body) > MAX_BODY_BYTES:
         raise FetchError(f"{path} is over the {MAX_BODY_BYTES} byte cap")
     return body
+
+
+class DiscoverySource:
+    """An OpenID provider's key set, found through its discovery document on every fetch
+    (OpenID Connect Discovery 1.0): a provider may move its ``jwks_uri``, so each refresh
+    asks again. One ``timeout`` bounds both requests together."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        issuer: str,
+        timeout: float,
+    ) -> None:
+        self.client = client
+        self.url = url
+        self.issuer = issuer
+        self.timeout = timeout
+
+    async def fetch(self) -> Fetched:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        try:
+            found = await fetch.get(
+                self.client,
+                self.url,
+                self.timeout,
+                max_bytes=MAX_DISCOVERY_BYTES,
+            )
+        except FetchError as ex:
+            raise FetchError(f"discovery document: {ex}") from ex
+        jwks_uri = discovered_jwks_uri(found.body, self.issuer, self.url)
+        left = deadline - loop.time()
+        if left <= 0:
+            raise FetchError(f"timed out after {self.timeout:g}s (in discovery)")
+        try:
+            return await fetch.get(self.client, jwks_uri, left)
+        except FetchError as ex:
+            raise FetchError(f"jwks_uri {jwks_uri}: {ex}") from ex
+
+
+def discovered_jwks_uri(body: bytes, issuer: str, discovery_url: str) -> str:
+    """The ``jwks_uri`` of a discovery document that is about ``issuer``, or :class:`FetchError`.
+
+    The document must name exactly the configured issuer (Discovery 4.3: otherwise a
+    document served for one issuer could hand authd another one's keys), and its
+    ``jwks_uri`` must be a URL authd may fetch: https, and plain http to loopback only
+    when the document itself came that way (an https document cannot send authd to a
+    plain-http service on this host).
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as ex:
+        raise FetchError(f"discovery document is not JSON: {str(ex)[:80]}") from ex
+    if not isinstance(doc, dict):
+        raise FetchError("discovery document is not a JSON object")
+    named = doc.get("issuer")
+    if named != issuer:
+        raise FetchError(
+            f"discovery document is for issuer {_show_value(named)}, not the configured "
+            f"{issuer!r} (they must be equal exactly)",
+        )
+    jwks_uri = doc.get("jwks_uri")
+    if not isinstance(jwks_uri, str) or not jwks_uri:
+        raise FetchError("discovery document has no jwks_uri")
+    if not (jwks_uri.isascii() and jwks_uri.isprintable()) or " " in jwks_uri:
+        # urlsplit silently drops tabs and newlines; httpx refuses other odd bytes with
+        # an exception that is not a fetch error. Neither belongs in a URL.
+        raise FetchError(f"jwks_uri {_show_value(jwks_uri)}: not a URL")
+    if (problem := url_problem(jwks_uri)) is not None:
+        raise FetchError(f"jwks_uri {_show_value(jwks_uri)}: {problem}")
+    downgrade = urllib.parse.urlsplit(jwks_uri).scheme == "http"
+    if downgrade and urllib.parse.urlsplit(discovery_url).scheme != "http":
+        raise FetchError(
+            f"jwks_uri {_show_value(jwks_uri)}: plain http, from a discovery document "
+            "fetched over https",
+        )
+    return jwks_uri
+
+
+def _show_value(value: object) -> str:
+    """A value from a fetched document, for the log: bounded, and quoted by ``repr``."""
+    text = repr(value)
+    return text[:100] + "..." if len(text) > 100 else text
 
 
 def parse_key_set(body: bytes) -> tuple[dict[str, VerifyKey], list[str]]:
@@ -433,11 +563,237 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
 
-class KeyStore:
-    """Every configured issuer's keys, by issuer URL; owns the background tasks."""
+class KidSource(Protocol):
+    """Where the key of one kid comes from (an AWS ALB's key endpoint)."""
 
-    def __init__(self, issuers: Mapping[str, IssuerKeys]) -> None:
-        self.issuers = dict(issuers)
+    async def fetch(self, kid: str) -> Fetched:
+        """The key's document (status 200), or ``status`` 403/404 when the kid is
+        unknown there; :class:`FetchError` for anything else."""
+        ...
+
+
+class AlbSource:
+    """An ALB's signing keys: the PEM public key of kid K at ``<base_url>/K``."""
+
+    def __init__(self, client: httpx.AsyncClient, base_url: str, timeout: float) -> None:
+        self.client = client
+        self.base_url = base_url
+        self.timeout = timeout
+
+    def url_for(self, kid: str) -> str:
+        if not ALB_KID.fullmatch(kid):
+            # AlbKeys never asks for such a kid; this is the last line, not the check.
+            raise ValueError("a kid of this shape is never put into a URL")
+        # Not urljoin: resolving a relative reference is exactly what a kid must never
+        # get to do. The kid is one more path segment, and nothing else changes.
+        url = urllib.parse.urlsplit(self.base_url)
+        return url._replace(path=f"{url.path.rstrip('/')}/{kid}").geturl()
+
+    async def fetch(self, kid: str) -> Fetched:
+        # A missing object behind an S3-style endpoint is 403 when listing is denied, 404
+        # otherwise: both mean "no such kid", not "the endpoint is broken".
+        return await fetch.get(
+            self.client,
+            self.url_for(kid),
+            self.timeout,
+            max_bytes=MAX_PEM_BYTES,
+            accept_status=frozenset({403, 404}),
+        )
+
+
+def parse_alb_key(kid: str, body: bytes) -> VerifyKey:
+    """An ALB's PEM public key (SubjectPublicKeyInfo), which must be EC P-256: ALBs sign
+    with ES256 only. Anything else means the endpoint is not what it should be:
+    :class:`FetchError`."""
+    if body.count(b"-----BEGIN ") != 1:
+        raise FetchError("not one PEM block")
+    try:
+        key = load_pem_public_key(body)
+    except (ValueError, TypeError) as ex:
+        raise FetchError(f"not a PEM public key ({type(ex).__name__})") from ex
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if isinstance(key.curve, ec.SECP256R1):
+            return VerifyKey(kid=kid, key=key, alg="ES256")
+        what = f"an EC key on {key.curve.name}"
+    else:
+        what = type(key).__name__.lstrip("_")
+    raise FetchError(f"not an EC P-256 key: {what}")
+
+
+class AlbKeys:
+    """An AWS ALB issuer's keys: one PEM key per kid, fetched the first time a token names it.
+
+    There is no key set to download, so there is nothing to be stale: :meth:`usable` is
+    always true and readiness never waits for AWS. What bounds the outbound fetches is the
+    kid itself (only :data:`ALB_KID` shapes are fetched), one fetch in flight per kid,
+    a remembered "unknown" per kid for ``refetch_cooldown_seconds``, and at most
+    :data:`ALB_MAX_NEW_KIDS` fetches per ``refetch_cooldown_seconds`` in all. Known keys
+    stay (at most :data:`ALB_MAX_KEYS`, least recently used dropped first).
+
+    The state is per process, like :class:`IssuerKeys`'s.
+    """
+
+    def __init__(
+        self,
+        config: IssuerConfig,
+        source: KidSource,
+        clock: Clock,
+        on_fetch: FetchObserver | None = None,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.clock = clock
+        self.on_fetch = on_fetch
+        self._keys: OrderedDict[str, VerifyKey] = OrderedDict()
+        self._unknown: dict[str, float] = {}  # kid -> monotonic time it may be asked again
+        self._recent: deque[float] = deque()  # monotonic start times of fetches
+        self._inflight: dict[str, asyncio.Task[VerifyKey | None]] = {}
+        self._fetched_at: float | None = None  # monotonic; last answer from the endpoint
+        self.generation = 0  # bumped whenever a known key is dropped
+        self.fetches: dict[str, int] = {"ok": 0, "unknown": 0, "error": 0}
+        self.last_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def reconfigure(self, config: IssuerConfig, source: KidSource) -> None:
+        """New settings for the same issuer and key URL: the known keys stay."""
+        self.config, self.source = config, source
+
+    def usable(self) -> bool:
+        return True
+
+    def age(self) -> float | None:
+        """Seconds since the key endpoint last answered, or None."""
+        return None if self._fetched_at is None else self.clock.monotonic() - self._fetched_at
+
+    def kids(self) -> list[str]:
+        return sorted(self._keys)
+
+    async def key_for(self, kid: str) -> VerifyKey:
+        """The key named ``kid``, fetched (once, shared) if it is not known yet.
+
+        Raises ``Denied(unknown_kid)`` for a kid the endpoint does not have, one that is
+        never put into a URL, or one over the rate limit; :class:`KeysUnavailable` when
+        the endpoint fails (authd cannot decide).
+        """
+        key = self._keys.get(kid)
+        if key is not None:
+            self._keys.move_to_end(kid)
+            return key
+        if not ALB_KID.fullmatch(kid):
+            raise Denied(Reason.UNKNOWN_KID, "kid is not of the form ALBs use; not fetched")
+        task = self._inflight.get(kid) or self._start_fetch(kid)
+        try:
+            key = await asyncio.wait_for(asyncio.shield(task), UNKNOWN_KID_WAIT_SECONDS)
+        except TimeoutError as ex:
+            raise KeysUnavailable(
+                self.name,
+                f"key of kid {kid} not fetched within {UNKNOWN_KID_WAIT_SECONDS:g}s",
+            ) from ex
+        except FetchError as ex:
+            raise KeysUnavailable(self.name, f"key of kid {kid}: {ex}") from ex
+        if key is None:
+            raise Denied(Reason.UNKNOWN_KID, "the ALB key endpoint does not know this kid")
+        return key
+
+    async def refresh(self) -> bool:
+        """Nothing to fetch ahead of time: keys come per kid, when a token names one."""
+        return True
+
+    async def run(self) -> None:
+        """Nothing to refresh in the background; waits until cancelled like the others."""
+        await asyncio.get_running_loop().create_future()
+
+    def _start_fetch(self, kid: str) -> asyncio.Task[VerifyKey | None]:
+        now = self.clock.monotonic()
+        if now < self._unknown.get(kid, -float("inf")):
+            raise Denied(Reason.UNKNOWN_KID, "unknown kid (the endpoint said so recently)")
+        window = self.config.refetch_cooldown_seconds
+        while self._recent and now - self._recent[0] >= window:
+            self._recent.popleft()
+        if len(self._recent) >= ALB_MAX_NEW_KIDS:
+            raise Denied(
+                Reason.UNKNOWN_KID,
+                f"unknown kid, not fetched: rate limit of {ALB_MAX_NEW_KIDS} key fetches "
+                f"per {window:g}s reached",
+            )
+        self._recent.append(now)
+        log.info("keys_refetch", issuer=self.name, trigger="unknown_kid", kid=kid)
+        task = asyncio.get_running_loop().create_task(self._fetch(kid))
+        self._inflight[kid] = task
+        task.add_done_callback(functools.partial(self._fetch_done, kid))
+        return task
+
+    def _fetch_done(self, kid: str, task: asyncio.Task[VerifyKey | None]) -> None:
+        del self._inflight[kid]
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have given up on it
+
+    async def _fetch(self, kid: str) -> VerifyKey | None:
+        try:
+            fetched = await self.source.fetch(kid)
+            key = parse_alb_key(kid, fetched.body) if fetched.status == 200 else None
+        except Exception as ex:
+            self.fetches["error"] += 1
+            self.last_error = f"kid {kid}: " + (
+                str(ex) if isinstance(ex, FetchError) else f"bug: {ex!r}"
+            )
+            self._observe(ok=False)
+            log.warning(
+                "keys_fetch_failed",
+                exc_info=not isinstance(ex, FetchError),
+                issuer=self.name,
+                source=self.config.key_source,
+                error=self.last_error,
+            )
+            raise FetchError(self.last_error) from ex
+        now = self.clock.monotonic()
+        self._fetched_at, self.last_error = now, None
+        self._observe(ok=True)
+        if key is None:
+            self.fetches["unknown"] += 1
+            # Expired entries go first: with the rate limit, at most a window's worth stay.
+            self._unknown = {k: t for k, t in self._unknown.items() if t > now}
+            self._unknown[kid] = now + self.config.refetch_cooldown_seconds
+            log.info("keys_unknown_kid", issuer=self.name, kid=kid, status=fetched.status)
+            return None
+        self.fetches["ok"] += 1
+        self._unknown.pop(kid, None)
+        self._keys[kid] = key
+        evicted = None
+        if len(self._keys) > ALB_MAX_KEYS:
+            evicted, _ = self._keys.popitem(last=False)
+            self.generation += 1
+        log.info(
+            "keys_fetched",
+            issuer=self.name,
+            source=self.config.key_source,
+            kids=[kid],
+            evicted=evicted,
+            known=len(self._keys),
+        )
+        return key
+
+    def _observe(self, *, ok: bool) -> None:
+        if self.on_fetch is not None:
+            self.on_fetch(self, ok)
+
+
+class KeyStore:
+    """Every configured issuer's keys, by issuer *name*; owns the background tasks.
+
+    By name, not by ``iss``: two issuers may share an ``iss`` (an ALB and the OpenID
+    provider behind it) with their own key sources and token sources.
+    """
+
+    def __init__(self, issuers: Iterable[KeySet]) -> None:
+        self.issuers: dict[str, KeySet] = {}
+        for keys in issuers:
+            if keys.name in self.issuers:
+                raise ValueError(f"two key sets for the issuer named {keys.name!r}")
+            self.issuers[keys.name] = keys
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -450,27 +806,43 @@ class KeyStore:
         *,
         reuse: KeyStore | None = None,
     ) -> KeyStore:
-        """Key sets for ``configs``; with ``reuse``, an issuer configured exactly as before
-        keeps its loaded keys (a reload must not forget keys it cannot fetch again)."""
+        """Key sets for ``configs``, each from its provider's kind of source; with ``reuse``,
+        an issuer with the same name, provider, ``iss`` and key source as before keeps its
+        loaded keys (a reload must not forget keys it cannot fetch again). Keys are never
+        carried over to another ``iss``: discovery vouched for them for the old one."""
 
         def source(c: IssuerConfig) -> KeySource:
             if c.jwks_file is not None:
                 return FileSource(c.jwks_file)
+            if c.discovery_url is not None:
+                return DiscoverySource(client, c.discovery_url, c.issuer, c.fetch_timeout_seconds)
             assert c.jwks_url is not None  # config guarantees exactly one
             return HttpSource(client, c.jwks_url, c.fetch_timeout_seconds)
 
-        def keys_for(c: IssuerConfig) -> IssuerKeys:
-            old = reuse.get(c.issuer) if reuse is not None else None
-            if old is None or old.config.key_source != c.key_source:
+        def keys_for(c: IssuerConfig) -> KeySet:
+            old = reuse.get(c.name) if reuse is not None else None
+            same = old is not None and (
+                (old.config.provider, old.config.issuer, old.config.key_source)
+                == (c.provider, c.issuer, c.key_source)
+            )
+            if c.alb_keys_url is not None:
+                alb = AlbSource(client, c.alb_keys_url, c.fetch_timeout_seconds)
+                if not (same and isinstance(old, AlbKeys)):
+                    return AlbKeys(c, alb, clock, on_fetch)
+                if old.config != c:  # same keys, other settings (timeouts, cooldown, ...)
+                    old.reconfigure(c, alb)
+                return old
+            if not (same and isinstance(old, IssuerKeys)):
                 return IssuerKeys(c, source(c), clock, on_fetch)
             if old.config != c:  # same keys, other settings (timeouts, algorithms, ...)
                 old.reconfigure(c, source(c))
             return old
 
-        return cls({c.issuer: keys_for(c) for c in configs})
+        return cls(keys_for(c) for c in configs)
 
-    def get(self, iss: str) -> IssuerKeys | None:
-        return self.issuers.get(iss)
+    def get(self, name: str) -> KeySet | None:
+        """The keys of the issuer configured as ``name`` (``IssuerConfig.name``)."""
+        return self.issuers.get(name)
 
     def ready(self) -> bool:
         return all(k.usable() for k in self.issuers.values())
