@@ -22,13 +22,14 @@ import structlog
 
 from authd import __version__, audit, config, dev, logs, snippets, systemd
 from authd.decision import Authorizer, Decision
-from authd.errors import ConfigError, Denied
+from authd.errors import ConfigError, Denied, Reason
 from authd.fetch import make_http_client
+from authd.headers import Found
 from authd.keys import KeyStore, SystemClock
 from authd.verify import decode_json_segment, split
 
 if TYPE_CHECKING:
-    from authd.config import Config, Listen
+    from authd.config import Config, Listen, TokenSource
 
 EXIT_ALLOW, EXIT_DENY, EXIT_CANNOT_DECIDE = 0, 1, 2
 EXIT_CONFIG = 2
@@ -169,14 +170,22 @@ def _parser() -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
             Explain what authd would answer for TOKEN under policy NAME, using the
             configured issuers and their keys (fetched once, now): the decision, the
-            status, the reason code and its detail, the rule that admitted the token,
-            the verified claims, and the identity headers nginx would receive.
-            When the token is refused, its unverified header and payload are shown,
-            marked as such, to help find out why.
+            status, the reason code and its detail; which issuer was chosen for the
+            token and why; the rule that admitted or refused it; what get-identity
+            answered (fresh, or why it failed) when the policy enriches; the verified
+            claims; and the exact identity headers nginx would receive. When the token
+            is refused, its unverified header and payload are shown, marked as such,
+            to help find out why.
+
+            The issuer is chosen by where the token arrived and by its iss. With
+            --source, say where that was (as in token_sources: header:NAME,
+            cookie:NAME or bearer); without it, any place one of the policy's issuers
+            reads.
 
             TOKEN is read from standard input when it is "-" or absent; copy it from
             the browser's CF_Authorization cookie or the Cf-Access-Jwt-Assertion
-            header."""),
+            header (x-goog-iap-jwt-assertion for Google IAP, x-amzn-oidc-data for an
+            AWS ALB)."""),
         epilog=textwrap.dedent("""\
             exit status: 0 allow, 1 deny (401/403), 2 cannot decide (keys unavailable,
             an error) or a usage/configuration error.
@@ -187,6 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--config", type=Path, help=_CONFIG_HELP)
     v.add_argument("--policy", required=True, metavar="NAME", help="a [policies.NAME] table")
+    v.add_argument(
+        "--source",
+        metavar="SOURCE",
+        help="where the token arrived: header:NAME, cookie:NAME or bearer (default: anywhere)",
+    )
     v.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     v.add_argument("token", nargs="?", default="-", metavar="TOKEN", help="the token, or -")
     v.set_defaults(func=_verify)
@@ -484,9 +498,16 @@ def _verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return EXIT_CONFIG
     token = sys.stdin.read() if args.token == "-" else args.token
     token = token.strip()
+    source = None
+    if args.source is not None:
+        problems: list[str] = []
+        source = config.parse_token_source(args.source, "--source", problems)
+        if source is None:
+            print(f"authd verify: {problems[0]}", file=sys.stderr)
+            return EXIT_CONFIG
     # Key fetch problems are worth seeing here, on stderr, away from the explanation.
     audit.configure(stream=sys.stderr, level=logging.WARNING, cache=False)
-    decision = asyncio.run(_decide_once(cfg, args.policy, token))
+    decision = asyncio.run(_decide_once(cfg, args.policy, token, source))
     report = _explain(decision, token)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
@@ -497,12 +518,25 @@ def _verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_DENY if decision.decision == "deny" else EXIT_CANNOT_DECIDE
 
 
-async def _decide_once(cfg: Config, policy: str, token: str) -> Decision:
+async def _decide_once(
+    cfg: Config,
+    policy: str,
+    token: str,
+    source: TokenSource | None,
+) -> Decision:
     async with make_http_client() as client:
         keys = KeyStore.from_config(cfg.issuers, client, SystemClock())
         await asyncio.gather(*(k.refresh() for k in keys.issuers.values()))
-        authorizer = Authorizer.from_config(cfg, keys, SystemClock())
-        return await authorizer.decide(policy, lambda _: token)
+        authorizer = Authorizer.from_config(cfg, keys, SystemClock(), client)
+
+        def find(sources: Sequence[TokenSource]) -> Found | str:
+            if source is None:
+                return token  # where it arrived is unknown: any issuer of the policy
+            if not any(s.key == source.key for s in sources):
+                raise Denied(Reason.NO_TOKEN, f"no issuer of policy {policy!r} reads {source}")
+            return Found(token, (next(s for s in sources if s.key == source.key),))
+
+        return await authorizer.decide(policy, find)
 
 
 def _explain(d: Decision, token: str) -> dict[str, object]:
@@ -516,9 +550,24 @@ def _explain(d: Decision, token: str) -> dict[str, object]:
         "token_id": d.token_id,
     }
     if d.claims is not None:
-        report["issuer"] = {"name": d.claims.issuer_name, "iss": d.claims.iss}
+        report["issuer"] = {
+            "name": d.claims.issuer_name,
+            "iss": d.claims.iss,
+            "chosen_because": d.issuer_choice or None,
+        }
         report["kid"] = d.claims.kid
         report["claims"] = dict(d.claims.payload)
+    if d.enrichment is not None:
+        report["enrichment"] = d.enrichment
+    if d.identity is not None:
+        i = d.identity
+        report["get_identity"] = {
+            "groups": list(i.group_names()),
+            "posture": {p.name or p.id: "passed" if p.success else "failed" for p in i.posture},
+            "idp_type": i.idp_type,
+            "amr": list(i.amr),
+            "document": dict(i.document),
+        }
     if d.decision == "allow":
         report["headers"] = dict(d.headers)
     else:
@@ -540,9 +589,19 @@ def _print_explanation(report: dict[str, object]) -> None:
     for key in ("decision", "status", "reason", "detail", "policy", "rule", "issuer", "kid"):
         value = report.get(key)
         if isinstance(value, dict):
-            value = f"{value['name']} ({value['iss']})"
+            why = value.get("chosen_because")
+            value = f"{value['name']} ({value['iss']})" + (f": {why}" if why else "")
         if value is not None:
             print(f"{key + ':':<10}{value}")
+    if "enrichment" in report:
+        print(f"{'get-identity:':<10} {report['enrichment']}")
+    answer = report.get("get_identity")
+    if isinstance(answer, dict):
+        print(f"  groups:   {', '.join(answer['groups']) or '(none)'}")
+        for check, outcome in answer["posture"].items():
+            print(f"  posture:  {check}: {outcome}")
+        print(f"  idp.type: {answer['idp_type']}")
+        print(f"  amr:      {', '.join(answer['amr']) or '(none)'}")
     if "claims" in report:
         print("claims (verified):")
         print(textwrap.indent(json.dumps(report["claims"], indent=2, ensure_ascii=False), "  "))

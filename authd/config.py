@@ -316,7 +316,7 @@ def parse(raw: Mapping[str, object]) -> Config:
         for i, text in enumerate(
             top.get_str_list("token_sources", DEFAULT_TOKEN_SOURCES, allow_empty=False),
         )
-        if (s := _parse_token_source(text, f"token_sources[{i}]", problems)) is not None
+        if (s := parse_token_source(text, f"token_sources[{i}]", problems)) is not None
     )
     if len({str(s).lower() for s in sources}) != len(sources):
         problems.append("token_sources: lists the same source twice")
@@ -417,7 +417,7 @@ def _parse_issuer(
         token_sources = tuple(
             s
             for i, text in enumerate(texts)
-            if (s := _parse_token_source(text, f"{path}.token_sources[{i}]", problems)) is not None
+            if (s := parse_token_source(text, f"{path}.token_sources[{i}]", problems)) is not None
         )
         if len({s.key for s in token_sources}) != len(token_sources):
             problems.append(f"{path}.token_sources: lists the same source twice")
@@ -427,7 +427,7 @@ def _parse_issuer(
         token_sources = tuple(
             s
             for text in PROVIDER_TOKEN_SOURCES[provider]
-            if (s := _parse_token_source(text, f"{path}.token_sources", problems)) is not None
+            if (s := parse_token_source(text, f"{path}.token_sources", problems)) is not None
         )
 
     algorithms = table.get_str_list(
@@ -828,7 +828,8 @@ def _parse_listen_or_die(text: str) -> Listen:
     return listen
 
 
-def _parse_token_source(text: str, path: str, problems: list[str]) -> TokenSource | None:
+def parse_token_source(text: str, path: str, problems: list[str]) -> TokenSource | None:
+    """``header:NAME``, ``cookie:NAME`` or ``bearer``; None (and a problem) for anything else."""
     if text.lower() == "bearer":
         return TokenSource(kind="bearer")
     kind, _, name = text.partition(":")

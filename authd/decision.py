@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 from authd import metrics
 from authd.cache import DecisionCache
 from authd.config import enriches
-from authd.enrich import EnrichmentFailed, IdentityClient
+from authd.enrich import EnrichmentFailed, IdentityCache
 from authd.errors import Denied, KeysUnavailable, Reason
 from authd.headers import Found, HeaderPlan, token_digest, token_id
 from authd.policy import Policy
@@ -101,7 +101,7 @@ class Authorizer:
         verifier: Verifier,
         plans: Mapping[str, PolicyPlan],
         cache: DecisionCache | None = None,
-        identities: IdentityClient | None = None,
+        identities: IdentityCache | None = None,
     ) -> None:
         self.verifier = verifier
         self.plans = dict(plans)
@@ -134,9 +134,10 @@ class Authorizer:
         cache = DecisionCache(config.cache, clock) if config.cache.enabled else None
         identities = None
         if any(p.enriched for p in plans.values()):
-            identities = IdentityClient(
+            identities = IdentityCache(
                 client,
                 clock,
+                max_seconds=config.cache.max_seconds,
                 on_fetch=metrics.enrichment_fetch,
                 on_hit=metrics.enrichment_cache_hit,
             )

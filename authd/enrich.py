@@ -51,6 +51,9 @@ COOKIE_NAME = "CF_Authorization"
 MAX_IDENTITY_BYTES = 256 * 1024
 DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+# How long an answer is reused at most, whatever the token's exp: Cloudflare re-checks device
+# posture during a session. authd passes [cache] max_seconds.
+DEFAULT_MAX_SECONDS = 300.0
 # What one cache entry is counted as: a fixed part (key, entry, Identity, its tuples) plus a
 # multiple of the body's length. tracemalloc puts the parsed JSON at 4-5.5 bytes per body byte
 # (documented shape, 3 to 500 groups); the Group/PostureCheck objects come on top.
@@ -226,7 +229,9 @@ class Enriched:
 @dataclass(frozen=True, slots=True)
 class _Entry:
     identity: Identity
-    exp: float  # the fetching token's exp: the entry is never used at or past it
+    # The fetching token's exp, or max_seconds after the fetch if that comes first: the
+    # entry is never used at or past it (device posture may change within a session).
+    exp: float
     size: int
 
 
@@ -248,6 +253,7 @@ class IdentityCache:
         *,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        max_seconds: float = DEFAULT_MAX_SECONDS,
         on_fetch: Callable[[str], None] | None = None,
         on_hit: Callable[[], None] | None = None,
     ) -> None:
@@ -255,6 +261,7 @@ class IdentityCache:
         self.clock = clock
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.max_seconds = max_seconds
         self.on_fetch = on_fetch
         self.on_hit = on_hit
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
@@ -322,7 +329,7 @@ class IdentityCache:
             )
             return ex
         self._observe("ok")
-        self._store(key, identity, claims.exp, body_size)
+        self._store(key, identity, min(claims.exp, self.clock.time() + self.max_seconds), body_size)
         return identity
 
     async def _get(self, url: str, seconds: float, token: str) -> tuple[Identity, int]:
@@ -345,8 +352,8 @@ class IdentityCache:
         except FetchError as ex:
             raise EnrichmentFailed(_classify(ex), str(ex)) from ex
         finally:
-            # The client is shared (key fetches go to the same team domain) and keeps a cookie
-            # jar: a cookie this answer set, a credential perhaps, must not ride along later.
+            # authd's client keeps no cookies (fetch.make_http_client); another client might,
+            # and a cookie this answer set, a credential perhaps, must not ride along later.
             self.client.cookies.clear()
         if fetched.status != 200:
             refused = " (redirects are refused)" if 300 <= fetched.status < 400 else ""
@@ -379,9 +386,6 @@ class IdentityCache:
 
     def _drop(self, key: CacheKey) -> None:
         self.bytes -= self._entries.pop(key).size
-
-
-IdentityClient = IdentityCache  # the design's other name for it
 
 
 def _nonce(claims: Claims) -> str | None:

@@ -9,6 +9,7 @@ exchange. The client honours ``HTTPS_PROXY``/``NO_PROXY`` and the system's CA st
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import re
 import ssl
 from collections.abc import Mapping
@@ -31,9 +32,14 @@ class Fetched:
 
 def make_http_client() -> httpx.AsyncClient:
     """authd's client: the system's CA store (not certifi's copy), which an administrator
-    maintains, and HTTPS_PROXY/NO_PROXY from the environment."""
+    maintains, and HTTPS_PROXY/NO_PROXY from the environment.
+
+    It keeps no cookies: one client serves every fetch, and a cookie that a get-identity
+    answer sets (a credential, perhaps) must never ride along with a later request.
+    """
     return httpx.AsyncClient(
         follow_redirects=False,
+        cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
         trust_env=True,
         verify=ssl.create_default_context(),  # OpenSSL's paths; SSL_CERT_FILE/DIR override
         headers={"User-Agent": f"authd/{__version__}", "Accept": "application/json"},

@@ -200,6 +200,8 @@ def choose_issuer(
         names = " and ".join(i.name for i in matches)
         raise Denied(Reason.BAD_ISSUER, f"the token fits both {names} (it arrived in {where})")
     chosen = matches[0]
+    if sources is None:
+        return chosen, f"{chosen.name} ({chosen.provider}) is the policy's issuer the iss names"
     return chosen, (
         f"{chosen.name} ({chosen.provider}) reads {where} and its issuer is the token's iss"
     )

@@ -9,12 +9,12 @@ what the original returned or was given, it changes nothing):
 
 - what the factories return: every method of ``tests.conftest.Forge`` and of its
   subclasses (``Mint`` in test_verify: ``signed_by`` and ``hmac`` build their tokens
-  without ``raw``), ``authd.dev.mint``, PyJWT's ``PyJWS.encode`` (under ``jwt.encode``,
+  without ``raw``), ``authd.dev.mint`` and ``mint_alb``, PyJWT's ``PyJWS.encode`` (under ``jwt.encode``,
   ``DevKey.sign`` and ``authd.dev.mint``), ``devtools.stack.DevKey.sign``/``mint``;
 - what reaches authd as a token, hand-built ones included: the argument of
   ``authd.verify.split`` when it is JWT-shaped, and the JWT-shaped values of the
-  token-carrying request headers (``Cf-Access-Jwt-Assertion``, ``Authorization``,
-  ``Cookie``), ``X-Original-URI`` and the request target of every HTTP request the tests
+  token-carrying request headers (``Cf-Access-Jwt-Assertion``, ``x-goog-iap-jwt-assertion``,
+  ``x-amzn-oidc-data``, ``Authorization``, ``Cookie``), ``X-Original-URI`` and the request target of every HTTP request the tests
   send with httpx or ``devtools.stack.http_request``.
 
 **A leak** is a run of at least ``MIN_RUN`` (24) base64url characters in an output that is
@@ -81,8 +81,18 @@ MIN_RUN = 24
 MIN_DISTINCT = 8
 _ANCHOR = MIN_RUN // 2  # any common run of MIN_RUN holds a whole anchor-aligned block
 _RUN = re.compile(rf"[A-Za-z0-9_-]{{{MIN_RUN},}}")
-_TOKEN_SHAPED = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_TOKEN_HEADERS = frozenset({"cf-access-jwt-assertion", "authorization", "cookie", "x-original-uri"})
+# "=" padding: an AWS ALB's tokens are padded base64url.
+_TOKEN_SHAPED = re.compile(r"[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]*=*")
+_TOKEN_HEADERS = frozenset(
+    {
+        "cf-access-jwt-assertion",
+        "x-goog-iap-jwt-assertion",
+        "x-amzn-oidc-data",
+        "authorization",
+        "cookie",
+        "x-original-uri",
+    },
+)
 _MAX_SCAN = 64 * 1024 * 1024  # a file or body beyond this is scanned up to it
 EXCERPT = 12
 
@@ -667,6 +677,7 @@ def _install() -> None:
     _patch(jwt.api_jws.PyJWS, "encode", _returns_registered)
     _patch(jwt.api_jws, "encode", _returns_registered)
     _patch(dev, "mint", _wrap_dev_mint)
+    _patch(dev, "mint_alb", _wrap_dev_mint)
     _patch(cli, "_mint", _wrap_cli_mint)
     _patch(verify, "split", _wrap_split)
     _patch(stack.DevKey, "sign", _returns_registered)

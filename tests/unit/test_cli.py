@@ -15,6 +15,12 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from authd import cli, config, dev
 from authd.config import Listen
+from devtools.standins import (
+    DISK_ENCRYPTION_RULE_ID,
+    GetIdentityServer,
+    IdentityReply,
+    documented_identity,
+)
 
 
 @pytest.fixture
@@ -462,3 +468,104 @@ def test_reload_of_a_process_that_is_gone(capsys, setup):
     gone.wait()
     code, _, err = run(capsys, "reload", "--config", str(path), "--pid", str(gone.pid))
     assert (code, err) == (1, f"no process {gone.pid}\n")
+
+
+# --- verify explains multi-issuer and enrichment decisions (issue 6) --------------------------
+
+
+@pytest.fixture
+def two_issuers(tmp_path):
+    cf = dev.write_keys(tmp_path / "cf")
+    iap = dev.write_keys(tmp_path / "iap", "google-iap")
+    path = tmp_path / "authd.toml"
+    path.write_text(
+        f"""
+[[issuers]]
+name = "cf"
+issuer = "{dev.DEV_ISSUER}"
+jwks_file = "{cf.public[0]}"
+[[issuers]]
+name = "iap"
+provider = "google-iap"
+jwks_file = "{iap.public[0]}"
+[policies.wiki]
+audience = ["{dev.DEV_AUDIENCE}", "{dev.DEV_IAP_AUDIENCE}"]
+[policies.cf-only]
+audience = ["{dev.DEV_AUDIENCE}", "{dev.DEV_IAP_AUDIENCE}"]
+issuers = ["cf"]
+""",
+    )
+    token = dev.mint_token("google-iap", iap.private, now=time.time())
+    return path, token
+
+
+def test_verify_says_which_issuer_was_chosen_and_why(capsys, two_issuers):
+    path, token = two_issuers
+    argv = ["verify", "--config", str(path), "--policy", "wiki"]
+    code, out, _ = run(capsys, *argv, "--source", "header:X-Goog-IAP-JWT-Assertion", token)
+    assert code == 0, out
+    assert (
+        "issuer:   iap (https://cloud.google.com/iap): iap (google-iap) reads "
+        "header:x-goog-iap-jwt-assertion and its issuer is the token's iss"
+    ) in out
+    assert "X-Authd-Issuer: iap" in out
+    # Without --source: any place the policy's issuers read.
+    code, out, _ = run(capsys, *argv, "--json", token)
+    report = json.loads(out)
+    assert (code, report["issuer"]["name"]) == (0, "iap")
+    assert report["issuer"]["chosen_because"] == (
+        "iap (google-iap) is the policy's issuer the iss names"
+    )
+    # In Cloudflare's header, an IAP token is no Cloudflare token.
+    code, out, _ = run(capsys, *argv, "--json", "--source", "header:Cf-Access-Jwt-Assertion", token)
+    report = json.loads(out)
+    assert (code, report["reason"]) == (1, "bad_issuer")
+    assert "is not the issuer of any of cf" in report["detail"]
+
+
+def test_verify_under_a_policy_restricted_to_other_issuers(capsys, two_issuers):
+    path, token = two_issuers
+    code, out, _ = run(
+        capsys, "verify", "--config", str(path), "--policy", "cf-only", "--json", token
+    )
+    report = json.loads(out)
+    assert (code, report["reason"]) == (1, "bad_issuer")
+    code, _, err = run(
+        capsys, "verify", "--config", str(path), "--policy", "cf-only", "--source", "query:t", token
+    )
+    assert code == 2
+    assert "expected header:NAME, cookie:NAME or bearer" in err
+
+
+def test_verify_shows_what_get_identity_answered(capsys, setup):
+    path, key = setup
+    with GetIdentityServer() as server:
+        path.write_text(
+            path.read_text().replace(
+                'jwks_file = "',
+                f'get_identity = true\nget_identity_url = "{server.url}"\njwks_file = "',
+            )
+            + f'posture_headers = {{ "X-Authd-Disk-Encrypted" = "{DISK_ENCRYPTION_RULE_ID}" }}\n'
+        )
+        token = mint(key)
+        sub = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))["sub"]
+        server.answer(token, documented_identity(user_uuid=sub))
+        code, out, _ = run(capsys, "verify", "--config", str(path), "--policy", "wiki", token)
+        assert code == 0, out
+        assert "get-identity: fresh" in out
+        assert "X-Authd-Disk-Encrypted: true" in out
+        assert "  posture:  " in out
+        code, out, _ = run(
+            capsys, "verify", "--config", str(path), "--policy", "wiki", "--json", token
+        )
+        report = json.loads(out)
+        assert report["enrichment"] == "fresh"
+        assert report["get_identity"]["document"]["email"] == "alice@example.com"
+        assert report["headers"]["X-Authd-Posture"]
+        server.answer_all(None)
+        server.answer(token, IdentityReply.error(500))
+        code, out, _ = run(capsys, "verify", "--config", str(path), "--policy", "wiki", token)
+    # The policy's allow_email_domains does not depend on get-identity: allowed without it.
+    assert code == 0
+    assert "get-identity: failed: http_error" in out
+    assert "X-Authd-Disk-Encrypted" not in out

@@ -136,7 +136,7 @@ def seen() -> Observed:
 
 @pytest.fixture
 def make_cache(client, clock, seen):
-    def make(**bounds: int) -> IdentityCache:
+    def make(**bounds: float) -> IdentityCache:
         return IdentityCache(client, clock, on_fetch=seen.fetches.append, on_hit=seen.hit, **bounds)
 
     return make
@@ -291,6 +291,21 @@ async def test_an_entry_ends_at_the_exp_of_the_token_that_fetched_it(
     assert got.cached is False
     assert server.tokens == [short.token, later.token]
     assert (await ask(cache, later, server.url)).cached is True
+
+
+async def test_an_entry_lives_at_most_max_seconds_however_long_the_token_does(
+    server, make_cache, make_user, clock
+):
+    # Device posture can change during a session: a day-long token is asked about again.
+    cache = make_cache(max_seconds=300)
+    user = make_user(exp=int(NOW) + 86400)
+    server.answer_all(documented_identity())
+    await ask(cache, user, server.url)
+    clock.advance(299)
+    assert (await ask(cache, user, server.url)).cached is True
+    clock.advance(1)
+    assert (await ask(cache, user, server.url)).cached is False
+    assert server.request_count == 2
 
 
 async def test_an_entry_is_never_served_past_the_readers_own_exp(server, cache, make_user, clock):
