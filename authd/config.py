@@ -408,7 +408,7 @@ def _parse_issuer(
         )
     where = _IssuerWhere(table, path, provider)
     issuer = where.issuer()
-    if issuer is not None and (problem := _issuer_problem(issuer)) is not None:
+    if issuer is not None and (problem := _issuer_problem(issuer, provider)) is not None:
         problems.append(f"{path}.issuer: {problem}")
     keys = where.keys(issuer)
 
@@ -559,7 +559,8 @@ class _IssuerWhere:
                 jwks_url = GOOGLE_IAP_JWKS_URL
             elif self.provider == "oidc" and issuer is not None:
                 discovery = table.get_str("discovery_url", None)
-                discovery = discovery or issuer + OIDC_DISCOVERY_PATH
+                # OpenID Discovery 4: the issuer without a trailing "/", then the path.
+                discovery = discovery or issuer.rstrip("/") + OIDC_DISCOVERY_PATH
                 return self._checked(None, None, discovery, None, "discovery_url")
         elif self.provider == "oidc" and "discovery_url" in table.raw:
             table.used.add("discovery_url")
@@ -773,12 +774,13 @@ def _parse_headers(
     return tuple(out)
 
 
-def _issuer_problem(issuer: str) -> str | None:
+def _issuer_problem(issuer: str, provider: Provider) -> str | None:
     url = urllib.parse.urlsplit(issuer)
     loopback = url.scheme == "http" and _is_loopback(url.hostname or "")
     if not (url.scheme == "https" or loopback) or not url.hostname:
         return "must be an https:// URL, exactly as the token's iss claim says"
-    if issuer.endswith("/"):
+    # Some OpenID providers' issuers end with "/" (Auth0's do); theirs is compared as written.
+    if issuer.endswith("/") and provider != "oidc":
         return "must not end with '/': tokens carry the issuer without one, compared exactly"
     return None
 

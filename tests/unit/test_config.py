@@ -405,6 +405,13 @@ def test_provider_problems(issuer, message):
     assert any(message in p for p in problems), problems
 
 
+def test_an_oidc_issuer_may_end_with_a_slash_and_keeps_it():
+    auth0 = {"name": "auth0", "provider": "oidc", "issuer": "https://acme.eu.auth0.com/"}
+    (issuer,) = config.parse(minimal(issuers=[auth0])).issuers
+    assert issuer.issuer == "https://acme.eu.auth0.com/"  # compared exactly with iss
+    assert issuer.discovery_url == "https://acme.eu.auth0.com/.well-known/openid-configuration"
+
+
 def test_plain_http_issuers_are_for_loopback_stand_ins_only():
     ok = {"name": "o", "provider": "oidc", "issuer": "http://127.0.0.1:8080"}
     cfg = config.parse(minimal(issuers=[ok]))
