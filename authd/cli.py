@@ -38,9 +38,11 @@ LISTEN_BACKLOG = 2048
 log = structlog.get_logger("authd")
 
 _MAIN_HELP = """\
-authd verifies the signed JWTs that an identity-aware proxy (Cloudflare Access)
-forwards to the origin, for nginx's auth_request: 200 with identity headers,
-401 without a valid token, 403 when the location's policy refuses the user.
+authd verifies the signed JWTs that identity-aware proxies (Cloudflare Access,
+Google IAP, an AWS ALB, any OpenID Connect provider) forward to the origin, for
+nginx's auth_request: 200 with identity headers, 401 without a valid token, 403
+when the location's policy refuses the user. For Cloudflare it can also ask
+get-identity for the full group list and device posture, and decide on those.
 
 commands:
   serve          run the daemon
@@ -97,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
             (default "auto": one per CPU; 1 serves in this process). Keys, cooldowns and
             the decision cache are per process: "one refetch per cooldown" holds per
             worker. /metrics adds up all workers.
+
+            Policies that enrich ask the issuer's get-identity endpoint for the user's
+            full identity (groups, device posture, identity provider), once per session
+            and at most every [cache] max_seconds; when it cannot answer, a policy that
+            depends on it gets 503 enrichment_unavailable (nginx: 500), others are
+            allowed without the enriched headers.
 
             Every allow is kept in a decision cache ([cache]) and served again, audited,
             while the token is valid, at most max_seconds, until the issuer's keys change
