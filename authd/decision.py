@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
-from authd import metrics
 from authd.cache import DecisionCache
 from authd.config import enriches
 from authd.enrich import EnrichmentFailed, IdentityCache
@@ -134,6 +133,11 @@ class Authorizer:
         cache = DecisionCache(config.cache, clock) if config.cache.enabled else None
         identities = None
         if any(p.enriched for p in plans.values()):
+            # Imported here, not at the top: prometheus_client picks its multiprocess mode
+            # when first imported, after the supervisor has set it up (see authd.metrics);
+            # the command line imports this module long before.
+            from authd import metrics  # noqa: PLC0415
+
             identities = IdentityCache(
                 client,
                 clock,

@@ -43,7 +43,7 @@ ISSUER = "test"  # the issuer's name in make_config, the `issuer` label of the k
 # Every decision line has exactly these members (`detail` only on refusals).
 AUDIT_MEMBERS = {
     "decision", "status", "reason", "policy", "rule", "cached", "user", "email", "sub",
-    "service_token",
+    "service_token", "issuer",
     "iss", "kid", "token_id", "method", "uri", "host", "client_ip", "request_id", "duration_ms",
     "pid", "event", "level", "timestamp",
 }  # fmt: skip
@@ -51,7 +51,7 @@ DECISION_OF = {200: "allow", 401: "deny", 403: "deny", 503: "error"}
 
 
 def complete(line: dict) -> bool:
-    return set(line) - {"detail"} == AUDIT_MEMBERS
+    return set(line) - {"detail", "enrichment"} == AUDIT_MEMBERS
 
 
 def lines_by_uri(lines: list[dict]) -> dict[str, list[dict]]:

@@ -132,3 +132,14 @@ def test_the_watchdog_waits_only_for_started_workers(supervisor):
     seen = supervisor.workers[WORKERS[0]]
     assert supervisor._all_reporting(now=seen + 1)  # the other is still starting: not counted
     assert not supervisor._all_reporting(now=seen + 60)
+
+
+def test_the_command_line_does_not_import_prometheus_client_before_serve_sets_it_up():
+    # prometheus_client picks single- or multi-process mode when first imported; with workers,
+    # the supervisor must set PROMETHEUS_MULTIPROC_DIR first, or /metrics shows no decisions.
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    probe = "import sys, authd.cli; print(sorted(m for m in sys.modules if 'prometheus' in m))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
