@@ -12,6 +12,7 @@ import falcon.asgi
 import structlog
 
 from authd import metrics
+from authd.decision import enrichment_failed
 from authd.errors import Reason
 from authd.headers import RequestFacts, find_token
 
@@ -122,8 +123,8 @@ def nginx_ttl(d: Decision, cap: int, now: float) -> int:
     One second short of ``exp``: nginx counts in whole seconds of its own clock, and an
     entry must be gone by the time the token expires.
     """
-    if d.status != 200 or d.claims is None:
-        return 0
+    if d.status != 200 or d.claims is None or enrichment_failed(d.enrichment):
+        return 0  # an allow without get-identity's answer: the next request asks again
     return max(0, min(cap, math.floor(d.claims.exp - now) - 1))
 
 

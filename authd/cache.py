@@ -86,8 +86,17 @@ class DecisionCache:
         self._drop(key)
         return None
 
-    def put(self, digest: bytes, policy: str, decision: Decision, verified: Verified) -> None:
-        """Keep ``decision`` (an allow, made ready for hits) while the token's window lasts.
+    def put(
+        self,
+        digest: bytes,
+        policy: str,
+        decision: Decision,
+        verified: Verified,
+        *,
+        until: float = float("inf"),
+    ) -> None:
+        """Keep ``decision`` (an allow, made ready for hits) while the token's window lasts,
+        and not past ``until`` (wall clock: when get-identity's answer it used goes stale).
 
         ``verified`` names the key set and its generation as read *before* the signature
         was checked: a set replaced while that ran leaves an entry that never hits.
@@ -99,7 +108,7 @@ class DecisionCache:
         self._entries[key] = _Entry(
             decision=decision,
             valid_from=verified.claims.valid_from,
-            valid_until=verified.claims.valid_until,
+            valid_until=min(verified.claims.valid_until, until),
             deadline=self.clock.monotonic() + self.settings.max_seconds,
             keys=verified.keys,
             key_generation=verified.generation,

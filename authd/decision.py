@@ -184,9 +184,16 @@ class Authorizer:
             )
             claims, choice = verified.claims, verified.chosen_because
             identity: Identity | None = None
+            until = float("inf")  # how long get-identity's answer may be reused
             enriching = plan.enriched.get(claims.issuer_name)
             if enriching is not None:
-                identity, enrichment = await self._enrich(plan, enriching, token, claims, digest)
+                identity, enrichment, until = await self._enrich(
+                    plan,
+                    enriching,
+                    token,
+                    claims,
+                    digest,
+                )
             rule = plan.policy.evaluate(claims, identity)
             headers = plan.headers.render(claims, identity)
         except Denied as ex:
@@ -230,7 +237,7 @@ class Authorizer:
             )
         # An allow without the enriched data it should have had is not worth keeping:
         # the next request asks get-identity again.
-        if self.cache is not None and not (enrichment or "").startswith("failed"):
+        if self.cache is not None and not enrichment_failed(enrichment):
             # What a hit needs, and no more: the payload (up to a few KiB) stays behind.
             hit = Decision(
                 status=200,
@@ -240,9 +247,10 @@ class Authorizer:
                 token_id=tid,
                 rule=rule,
                 cached=True,
-                enrichment=None if enrichment is None else "cached",
+                # A hit reuses get-identity's answer from the cache; a skip stays a skip.
+                enrichment="cached" if enrichment == "fresh" else enrichment,
             )
-            self.cache.put(digest, policy, hit, verified)
+            self.cache.put(digest, policy, hit, verified, until=until)
         return Decision(
             status=200,
             policy=policy,
@@ -262,13 +270,14 @@ class Authorizer:
         token: str,
         claims: Claims,
         digest: bytes,
-    ) -> tuple[Identity | None, str]:
-        """get-identity's answer for this token, and what happened, for the audit line.
+    ) -> tuple[Identity | None, str, float]:
+        """get-identity's answer for this token, what happened (for the audit line), and
+        until when the answer may be reused.
 
         Raises :class:`EnrichmentFailed` when it failed and the policy fails closed.
         """
         if claims.service_token:
-            return None, "skipped: service token"
+            return None, "skipped: service token", float("inf")
         if self.identities is None or issuer.get_identity_url is None:  # compiled together
             raise LookupError(f"no get-identity client for issuer {issuer.name}")
         try:
@@ -282,5 +291,10 @@ class Authorizer:
         except EnrichmentFailed as ex:
             if plan.policy.config.on_enrichment_failure == "deny":
                 raise
-            return None, f"failed: {ex.result}"
-        return enriched.identity, "cached" if enriched.cached else "fresh"
+            return None, f"failed: {ex.result}", float("inf")
+        return enriched.identity, "cached" if enriched.cached else "fresh", enriched.until
+
+
+def enrichment_failed(enrichment: str | None) -> bool:
+    """An allow made without get-identity's answer, which it should have had."""
+    return enrichment is not None and enrichment.startswith("failed")

@@ -224,6 +224,9 @@ class Enriched:
 
     identity: Identity
     cached: bool
+    # Wall-clock time after which this answer must not be reused (the token's exp, or
+    # max_seconds after it was fetched): an allow made from it must not outlive it either.
+    until: float = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +297,7 @@ class IdentityCache:
                 _check_subject(entry.identity, claims)
                 if self.on_hit is not None:
                     self.on_hit()
-                return Enriched(entry.identity, cached=True)
+                return Enriched(entry.identity, cached=True, until=entry.exp)
             if now >= entry.exp:
                 self._drop(key)
         task = self._inflight.get(key)
@@ -310,7 +313,11 @@ class IdentityCache:
         if isinstance(outcome, EnrichmentFailed):
             raise EnrichmentFailed(outcome.result, outcome.detail)
         _check_subject(outcome, claims)  # a waiter's token may differ from the fetcher's
-        return Enriched(outcome, cached=False)
+        return Enriched(
+            outcome,
+            cached=False,
+            until=min(claims.exp, self.clock.time() + self.max_seconds),
+        )
 
     async def _fetch(
         self, key: CacheKey, url: str, seconds: float, token: str, claims: Claims

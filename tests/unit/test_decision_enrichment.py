@@ -795,3 +795,45 @@ async def test_no_failure_shows_the_token(make_failing, forge, failure, on_failu
     shown = f"{logs!r} {d!r} {d.detail} {d.enrichment}"
     for piece in (token, payload[:24], payload[-24:], signature[:24], signature[-24:]):
         assert piece not in shown
+
+
+# ---------------------------------------------------------------------------------------------
+# Freshness: an allow never outlives the get-identity answer it was made from
+
+
+async def test_an_allow_made_from_a_cached_identity_expires_with_that_identity(
+    make_authorizer, server, forge, clock
+):
+    # [cache] max_seconds (300) bounds both caches. The second policy's allow, made 200 s
+    # after the fetch from the cached answer, must go when the answer does (at 300 s), not
+    # 300 s after it was made: posture changes show within max_seconds.
+    authorizer = await make_authorizer(wiki=ENRICHED_WIKI, ops={"require_posture": ["Firewall"]})
+    token = forge.valid(exp=int(NOW) + 86400)
+    server.answer(token, documented_identity())
+    await decide(authorizer, "wiki", token)
+    clock.advance(200)
+    assert (await decide(authorizer, "ops", token)).enrichment == "cached"
+    clock.advance(99)
+    assert (await decide(authorizer, "ops", token)).cached is True
+    clock.advance(1)
+    again = await decide(authorizer, "ops", token)
+    assert (again.cached, again.enrichment) == (False, "fresh")
+    assert server.request_count == 2
+
+
+async def test_nginx_may_not_reuse_an_allow_made_without_get_identitys_answer(
+    make_authorizer, server, forge, clock
+):
+    from authd.app import nginx_ttl  # noqa: PLC0415 -- the wire form, tested with its input
+
+    allow = {"allow_groups": ["sre"], "on_enrichment_failure": "allow"}
+    authorizer = await make_authorizer(wiki=allow)
+    token = forge.valid(custom={"groups": ["sre"]})
+    server.answer(token, IdentityReply.error(500))
+    d = await decide(authorizer, "wiki", token)
+    assert (d.status, d.enrichment) == (200, "failed: http_error")
+    assert nginx_ttl(d, 60, clock.time()) == 0
+    server.answer(token, documented_identity())
+    fresh = await decide(authorizer, "wiki", token)
+    assert (fresh.status, fresh.enrichment) == (200, "fresh")
+    assert nginx_ttl(fresh, 60, clock.time()) == 60
