@@ -462,7 +462,12 @@ def _nginx_snippet(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         sys.stdout.write(snippets.render(args.context, cfg))
         return 0
     for context in snippets.CONTEXTS:
-        (args.directory / snippets.file_name(context)).write_text(snippets.render(context, cfg))
+        target = args.directory / snippets.file_name(context)
+        try:
+            target.write_text(snippets.render(context, cfg))
+        except OSError as ex:
+            print(f"authd nginx-snippet: cannot write {target}: {ex.strerror}", file=sys.stderr)
+            return EXIT_CONFIG
     return 0
 
 

@@ -265,15 +265,29 @@ class Config:
                 f"up to {self.nginx_cache_seconds} s (with authd-server-microcache.conf); those "
                 "requests write no audit line in authd, only nginx's authd-access.log line",
             )
-        for policy in self.policies.values():
-            if policy.headers:
-                names = ", ".join(name for name, _ in policy.headers)
+            # The shipped snippet keys on the default sources only (snippets.cache_key).
+            if {s.key for s in self.token_sources_in_use()} != _DEFAULT_SOURCE_KEYS:
                 out.append(
-                    f"policies.{policy.name}.headers: {names} reach the application only through "
+                    "nginx_cache_seconds: tokens may arrive in places the shipped "
+                    "authd-server-microcache.conf does not key its cache on: use the one "
+                    "`authd nginx-snippet --context server-microcache` renders, or nginx may "
+                    "hand one user's allow to another",
+                )
+        for policy in self.policies.values():
+            if policy.all_headers:
+                names = ", ".join(name for name, _ in policy.all_headers)
+                out.append(
+                    f"policies.{policy.name}: {names} reach the application only through "
                     "the rendered location snippet (`authd nginx-snippet`); with the shipped one, "
                     "nginx neither copies them nor removes a client's forged copy",
                 )
         return out
+
+
+_DEFAULT_SOURCE_KEYS = {"header:cf-access-jwt-assertion", "cookie:CF_Authorization"}
+assert {s.lower() if s.startswith("header:") else s for s in DEFAULT_TOKEN_SOURCES} == (
+    _DEFAULT_SOURCE_KEYS
+)
 
 
 def load(path: Path) -> Config:

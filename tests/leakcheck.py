@@ -9,13 +9,14 @@ what the original returned or was given, it changes nothing):
 
 - what the factories return: every method of ``tests.conftest.Forge`` and of its
   subclasses (``Mint`` in test_verify: ``signed_by`` and ``hmac`` build their tokens
-  without ``raw``), ``authd.dev.mint`` and ``mint_alb``, PyJWT's ``PyJWS.encode`` (under ``jwt.encode``,
-  ``DevKey.sign`` and ``authd.dev.mint``), ``devtools.stack.DevKey.sign``/``mint``;
+  without ``raw``), ``authd.dev.mint`` and ``mint_alb``, PyJWT's ``PyJWS.encode`` (under
+  ``jwt.encode``, ``DevKey.sign`` and ``authd.dev.mint``), ``devtools.stack.DevKey.sign``
+  and ``mint``;
 - what reaches authd as a token, hand-built ones included: the argument of
   ``authd.verify.split`` when it is JWT-shaped, and the JWT-shaped values of the
   token-carrying request headers (``Cf-Access-Jwt-Assertion``, ``x-goog-iap-jwt-assertion``,
-  ``x-amzn-oidc-data``, ``Authorization``, ``Cookie``), ``X-Original-URI`` and the request target of every HTTP request the tests
-  send with httpx or ``devtools.stack.http_request``.
+  ``x-amzn-oidc-data``, ``Authorization``, ``Cookie``), ``X-Original-URI`` and the request
+  target of every HTTP request the tests send with httpx or ``devtools.stack.http_request``.
 
 **A leak** is a run of at least ``MIN_RUN`` (24) base64url characters in an output that is
 also a substring of one of a registered token's dot-separated segments: the whole token,

@@ -569,3 +569,11 @@ def test_verify_shows_what_get_identity_answered(capsys, setup):
     assert code == 0
     assert "get-identity: failed: http_error" in out
     assert "X-Authd-Disk-Encrypted" not in out
+
+
+def test_nginx_snippet_into_a_missing_directory_says_so(capsys, setup, tmp_path):
+    path, _ = setup
+    missing = tmp_path / "no" / "such"
+    code, _, err = run(capsys, "nginx-snippet", "--config", str(path), "--directory", str(missing))
+    assert code == 2
+    assert f"cannot write {missing}/authd-http.conf: No such file or directory" in err

@@ -286,7 +286,7 @@ def test_load_reads_the_documented_example(tmp_path):
     cfg = config.load(path)
     assert cfg.policies["wiki"].allow_groups == frozenset({"sre"})
     warning = (
-        "policies.wiki.headers: X-Authd-Department reach the application only through the "
+        "policies.wiki: X-Authd-Department reach the application only through the "
         "rendered location snippet (`authd nginx-snippet`); with the shipped one, nginx neither "
         "copies them nor removes a client's forged copy"
     )
@@ -498,3 +498,31 @@ def test_enrichment_is_per_issuer_and_a_policy_may_override_it():
     }
     assert table == {"default": ["cf"], "off": [], "on": ["cf2"]}
     assert [i.name for i in cfg.accepted_issuers(cfg.policies["on"])] == ["cf2", "iap"]
+
+
+def test_micro_cache_mode_warns_when_tokens_arrive_where_the_shipped_snippet_does_not_look():
+    plain = config.parse(minimal(nginx_cache_seconds=30))
+    assert not any("does not key its cache on" in w for w in plain.warnings())
+    iap = minimal(nginx_cache_seconds=30)
+    iap["issuers"] = [*iap["issuers"], {"name": "iap", "provider": "google-iap"}]
+    warnings = config.parse(iap).warnings()
+    assert any("authd-server-microcache.conf does not key its cache on" in w for w in warnings)
+    custom = config.parse(minimal(nginx_cache_seconds=30, token_sources=["bearer"]))
+    assert any("does not key its cache on" in w for w in custom.warnings())
+
+
+def test_every_kind_of_custom_header_needs_the_rendered_snippet():
+    cfg = config.parse(
+        minimal(
+            issuers=[{"name": "cf", "team": "t", "get_identity": True}],
+            policies={
+                "wiki": {
+                    "audience": [AUD],
+                    "identity_headers": {"X-Authd-Idp": "idp.type"},
+                    "posture_headers": {"X-Authd-Disk-Encrypted": "disk"},
+                },
+            },
+        ),
+    )
+    (warning,) = cfg.warnings()
+    assert warning.startswith("policies.wiki: X-Authd-Idp, X-Authd-Disk-Encrypted reach the")
