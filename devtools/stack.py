@@ -15,8 +15,11 @@ The pieces:
 - `Authd`: `authd serve --config ...` with its stdout and stderr captured line by line.
 - `Nginx`: the Debian nginx with a generated nginx.conf that includes the repo's shipped snippets
   (or, with `microcache`, the micro-cache mode's).
+- `StaticServer`: fixed documents by path (an OIDC provider's discovery document and key set, an
+  ALB's PEM key per kid), 404 for anything else, recording every path asked for.
 - `DevKey`: key material from `authd dev keygen`, tokens from `authd dev mint` or signed in-process.
-- `make_config` writes an authd TOML config; `running_stack` starts authd, the upstream and nginx.
+- `make_config` writes an authd TOML config with one Cloudflare issuer, `write_config` one with
+  any issuers and any keys; `running_stack` starts authd, the upstream and nginx.
 - `FakeTime`: a clock a test moves for one process (libfaketime), `ClientLoad` and `wrk_flood`:
   load through nginx, `rss_bytes` and `metric` for what a drill measures.
 """
@@ -55,8 +58,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The shipped snippets; AUTHD_NGINX_DIR points elsewhere (an installed package's copy, say).
 NGINX_SNIPPETS = Path(os.environ.get("AUTHD_NGINX_DIR", REPO_ROOT / "nginx"))
 SHIPPED_LOCATION_SNIPPET = NGINX_SNIPPETS / "authd-location.conf"
-# A policy with a `headers` mapping needs a location snippet rendered for its configuration.
+# A policy with custom headers (any of these mappings) needs a location snippet rendered for
+# its configuration.
 RENDERED_LOCATION_SNIPPET = "authd-location.rendered.conf"
+# Micro-cache mode with issuers that read other token sources than the defaults.
+RENDERED_SERVER_MICROCACHE_SNIPPET = "authd-server-microcache.rendered.conf"
+CUSTOM_HEADER_KEYS = ("headers", "identity_headers", "posture_headers")
 NGINX_BIN = Path("/usr/sbin/nginx")
 CERTS_PATH = "/cdn-cgi/access/certs"
 MOVED_PATH = "/moved/certs"
@@ -631,6 +638,66 @@ def _as_json_bytes(value: bytes | Mapping[str, Any]) -> bytes:
     return value if isinstance(value, bytes) else json.dumps(value).encode()
 
 
+# --- documents by path: an OIDC provider, an ALB's key endpoint -----------------------------------
+
+
+class _StaticHandler(_QuietHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        owner = self.server.owner
+        assert isinstance(owner, StaticServer)
+        found = owner.record(self.path)
+        if found is None:
+            self.send_body(404, b"not found\n", "text/plain")
+        else:
+            self.send_body(200, *found)
+
+
+class StaticServer(_LoopbackServer):
+    """Documents by path on 127.0.0.1, 404 for any other path: an OpenID provider's discovery
+    document and key set, or an AWS ALB's key endpoint (one PEM public key per kid).
+
+    `put` changes what it serves while tests run; every request is recorded (`paths`), whatever
+    it is answered.
+    """
+
+    handler = _StaticHandler
+
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(port)
+        self._lock = threading.Lock()
+        self._documents: dict[str, tuple[bytes, str]] = {}
+        self._paths: list[str] = []
+
+    def put(
+        self,
+        path: str,
+        body: bytes | Mapping[str, Any],
+        content_type: str = "application/json",
+    ) -> None:
+        """Serve `body` (bytes, or a document as JSON) at `path` from now on."""
+        with self._lock:
+            self._documents[path] = (_as_json_bytes(body), content_type)
+
+    def put_directory(self, prefix: str, directory: Path, content_type: str) -> None:
+        """Serve each file of `directory` at `prefix/<file name>` (`authd dev keygen`'s
+        alb-keys, say)."""
+        for file in sorted(directory.iterdir()):
+            self.put(f"{prefix.rstrip('/')}/{file.name}", file.read_bytes(), content_type)
+
+    def record(self, path: str) -> tuple[bytes, str] | None:
+        with self._lock:
+            self._paths.append(path)
+            return self._documents.get(path)
+
+    @property
+    def paths(self) -> list[str]:
+        """The path of every request so far, in order."""
+        with self._lock:
+            return list(self._paths)
+
+
 # --- the upstream application ---------------------------------------------------------------------
 
 
@@ -941,23 +1008,15 @@ def make_config(  # noqa: PLR0913 - one keyword per setting of the config file
     cache: Mapping[str, Any] | None = None,
     name: str = "authd.toml",
 ) -> Path:
-    """Write an authd config to `tmpdir/name` and return its path.
+    """Write an authd config with one Cloudflare issuer to `tmpdir/name` and return its path.
 
     Exactly one of `jwks_url` and `jwks_file` names where the issuer's keys come from.
     One worker unless asked (authd's default, "auto", is one per CPU): drills count per process.
+    For several issuers, or issuer keys of any kind, use `write_config`.
     """
     if (jwks_url is None) == (jwks_file is None):
         raise ValueError("give exactly one of jwks_url and jwks_file")
     source = {"jwks_url": jwks_url} if jwks_url is not None else {"jwks_file": str(jwks_file)}
-    top = {
-        "listen": listen or f"unix:{tmpdir / 'authd.sock'}",
-        "leeway_seconds": leeway_seconds,
-        "workers": workers,
-    }
-    if audit_file is not None:
-        top["audit_file"] = str(audit_file)
-    if nginx_cache_seconds:
-        top["nginx_cache_seconds"] = nginx_cache_seconds
     issuer_table = {
         "name": "test",
         "issuer": issuer,
@@ -967,15 +1026,51 @@ def make_config(  # noqa: PLR0913 - one keyword per setting of the config file
         "max_stale_seconds": max_stale_seconds,
         "fetch_timeout_seconds": fetch_timeout_seconds,
     }
-    lines = [f"{key} = {_toml(value)}" for key, value in top.items()]
-    lines += ["", "[[issuers]]"]
-    lines += [f"{key} = {_toml(value)}" for key, value in issuer_table.items()]
+    return write_config(
+        tmpdir,
+        issuers=[issuer_table],
+        policies=policies,
+        cache=cache,
+        name=name,
+        listen=listen,
+        leeway_seconds=leeway_seconds,
+        workers=workers,
+        audit_file=audit_file,
+        nginx_cache_seconds=nginx_cache_seconds or None,
+    )
+
+
+def write_config(
+    tmpdir: Path,
+    *,
+    issuers: Sequence[Mapping[str, Any]],
+    policies: Mapping[str, Mapping[str, Any]] = DEFAULT_POLICIES,
+    cache: Mapping[str, Any] | None = None,
+    name: str = "authd.toml",
+    **settings: object,
+) -> Path:
+    """Write an authd config to `tmpdir/name` and return its path: the top-level `settings`,
+    one `[[issuers]]` table per mapping of `issuers`, `[cache]`, and a `[policies.NAME]` table
+    per policy, every key written as given (so a test can say anything authd's parser reads).
+
+    A setting that is None is left out; `listen` defaults to a unix socket in `tmpdir`, and
+    `workers` to 1 (authd's default, "auto", is one per CPU: drills count per process).
+    """
+    top = {
+        "listen": settings.pop("listen", None) or f"unix:{tmpdir / 'authd.sock'}",
+        **{key: value for key, value in settings.items() if value is not None},
+    }
+    top.setdefault("workers", 1)
+    lines = [f"{_toml_key(key)} = {_toml(value)}" for key, value in top.items()]
+    for table in issuers:
+        lines += ["", "[[issuers]]"]
+        lines += [f"{_toml_key(key)} = {_toml(value)}" for key, value in table.items()]
     if cache is not None:
         lines += ["", "[cache]"]
-        lines += [f"{key} = {_toml(value)}" for key, value in cache.items()]
-    for policy, settings in policies.items():
+        lines += [f"{_toml_key(key)} = {_toml(value)}" for key, value in cache.items()]
+    for policy, policy_settings in policies.items():
         lines += ["", f"[policies.{_toml_key(policy)}]"]
-        lines += [f"{_toml_key(key)} = {_toml(value)}" for key, value in settings.items()]
+        lines += [f"{_toml_key(key)} = {_toml(value)}" for key, value in policy_settings.items()]
     path = tmpdir / name
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -987,8 +1082,8 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
     if isinstance(value, Mapping):
         return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + " }"
     if isinstance(value, Sequence):
@@ -1277,7 +1372,9 @@ class Nginx:
     Only the http-context `upstream authd` block is generated, by `authd nginx-snippet`; the server
     and location contexts include `nginx/authd-server.conf` and `nginx/authd-location*.conf`.
     For policies with custom headers, `authd nginx-snippet --context location` is also rendered
-    to `rendered_location_snippet` in `workdir`, for locations that include it.
+    to `rendered_location_snippet` in `workdir`, for locations that include it; in micro-cache
+    mode, the server snippet is rendered too when the shipped one's cache key does not cover
+    every token source of the configuration.
     """
 
     def __init__(
@@ -1327,6 +1424,12 @@ class Nginx:
                 .replace(MICROCACHE_LOG, str(self.microcache_log))
             )
             server_snippet = NGINX_SNIPPETS / "authd-server-microcache.conf"
+            # The shipped one's cache key holds the default token sources only: a configuration
+            # whose issuers read other places needs its own, as operators must render it.
+            rendered = self._snippet("server-microcache")
+            if rendered != server_snippet.read_text():
+                server_snippet = self.workdir / RENDERED_SERVER_MICROCACHE_SNIPPET
+                server_snippet.write_text(rendered)
         tmp = self.workdir / "nginx-temp"
         return _NGINX_CONF.format(
             user=_nginx_user(),
@@ -1507,7 +1610,8 @@ def running_stack(  # noqa: PLR0913 - as Authd, plus nginx's locations
     With `microcache`, nginx runs the micro-cache snippets (authd needs nginx_cache_seconds).
 
     nginx gets one protected location `/<policy>/` per policy of `config`, proxying to the upstream
-    (with the shipped location snippet, or for a policy with custom headers the rendered one), plus
+    (with the shipped location snippet, or for a policy with custom headers, `CUSTOM_HEADER_KEYS`,
+    the rendered one), plus
     the `location` blocks that `extra_locations(upstream_url)` returns (see
     `protected_location`).
     """
@@ -1523,7 +1627,9 @@ def running_stack(  # noqa: PLR0913 - as Authd, plus nginx's locations
                 f"/{name}/",
                 name,
                 upstream.base_url,
-                snippet=rendered if settings.get("headers") else SHIPPED_LOCATION_SNIPPET,
+                snippet=rendered
+                if any(settings.get(key) for key in CUSTOM_HEADER_KEYS)
+                else SHIPPED_LOCATION_SNIPPET,
             )
             for name, settings in policies.items()
         ]
