@@ -195,7 +195,10 @@ class Authorizer:
                     digest,
                 )
             rule = plan.policy.evaluate(claims, identity)
-            headers = plan.headers.render(claims, identity)
+            if identity is None:
+                headers, note = plan.headers.render(claims), ""
+            else:
+                headers, note = plan.headers.render_enriched(claims, identity)
         except Denied as ex:
             return Decision(
                 status=ex.reason.status,
@@ -249,6 +252,7 @@ class Authorizer:
                 cached=True,
                 # A hit reuses get-identity's answer from the cache; a skip stays a skip.
                 enrichment="cached" if enrichment == "fresh" else enrichment,
+                detail=note,
             )
             self.cache.put(digest, policy, hit, verified, until=until)
         return Decision(
@@ -261,6 +265,7 @@ class Authorizer:
             enrichment=enrichment,
             identity=identity,
             issuer_choice=choice,
+            detail=note,
         )
 
     async def _enrich(

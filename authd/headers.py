@@ -227,6 +227,8 @@ def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+GROUPS_HEADER = "X-Authd-Groups"
+
 # A header's value from the verified claims, the policy, and get-identity's answer (None
 # when the policy does not enrich this token, or enrichment failed and the policy allows that).
 Getter: TypeAlias = "Callable[[Claims, Policy, Identity | None], object]"
@@ -266,14 +268,19 @@ class HeaderPlan:
         self,
         claims: Claims,
         identity: Identity | None = None,
+        *,
+        omit: str = "",
     ) -> tuple[tuple[str, str], ...]:
         """The headers for an allow; ``Denied(unsafe_claim_value)`` if a value cannot be sent.
 
-        Headers filled from get-identity are left out when ``identity`` is None.
+        Headers filled from get-identity are left out when ``identity`` is None; the header
+        named ``omit`` is left out too.
         """
         out = []
         total = 0
         for name, getter in self.getters:
+            if name == omit:
+                continue
             value = render_claim(getter(claims, self.policy, identity))
             if value:
                 out.append((name, value))
@@ -281,6 +288,23 @@ class HeaderPlan:
         if total > MAX_IDENTITY_BYTES:
             raise Denied(Reason.UNSAFE_CLAIM_VALUE, f"identity headers over {MAX_IDENTITY_BYTES} B")
         return tuple(out)
+
+    def render_enriched(
+        self,
+        claims: Claims,
+        identity: Identity,
+    ) -> tuple[tuple[tuple[str, str], ...], str]:
+        """As :meth:`render`, and a note for the audit line when the full group list from
+        get-identity could not be sent (too long for nginx's buffer, or unsafe): then
+        ``X-Authd-Groups`` is left out, never cut short. The policy was decided on the full
+        list; the token was valid, so its user is not refused for the length of a header."""
+        try:
+            return self.render(claims, identity), ""
+        except Denied as ex:
+            if ex.reason is not Reason.UNSAFE_CLAIM_VALUE:
+                raise
+            headers = self.render(claims, identity, omit=GROUPS_HEADER)  # or the same Denied
+            return headers, f"{GROUPS_HEADER} left out ({len(identity.groups)} groups): {ex.detail}"
 
 
 def _claim_getter(claim: str) -> Getter:

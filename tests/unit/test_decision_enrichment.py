@@ -837,3 +837,38 @@ async def test_nginx_may_not_reuse_an_allow_made_without_get_identitys_answer(
     fresh = await decide(authorizer, "wiki", token)
     assert (fresh.status, fresh.enrichment) == (200, "fresh")
     assert nginx_ttl(fresh, 60, clock.time()) == 60
+
+
+# ---------------------------------------------------------------------------------------------
+# A group list too long for a header
+
+
+async def test_a_user_in_many_groups_is_let_in_without_a_partial_group_header(
+    make_authorizer, server, forge
+):
+    authorizer = await make_authorizer(wiki={"allow_groups": ["group-149"], "get_identity": True})
+    token = forge.valid()
+    many = [(f"id-{n}", f"group-{n:03d}-with-a-long-enough-name") for n in range(150)]
+    many.append(("id-last", "group-149"))
+    server.answer(token, documented_identity(groups=many))
+    d = await decide(authorizer, "wiki", token)
+    assert (d.status, d.rule) == (200, "allow_groups")  # decided on the full list
+    assert "X-Authd-Groups" not in headers(d)  # never cut short
+    assert headers(d)["X-Authd-Email"] == "alice@example.com"
+    assert d.detail.startswith("X-Authd-Groups left out (151 groups): identity ")
+    (line,) = audited(d)
+    assert line["detail"] == d.detail
+    hit = await decide(authorizer, "wiki", token)
+    assert (hit.cached, "X-Authd-Groups" in headers(hit), hit.detail) == (True, False, d.detail)
+
+
+async def test_a_control_character_in_a_group_name_leaves_the_header_out_not_the_user(
+    make_authorizer, server, forge
+):
+    authorizer = await make_authorizer(wiki={"get_identity": True})
+    token = forge.valid()
+    server.answer(token, documented_identity(groups=[("id-1", "ops\r\nX-Evil: 1")]))
+    d = await decide(authorizer, "wiki", token)
+    assert d.status == 200
+    assert "X-Authd-Groups" not in headers(d)
+    assert not any("\n" in v for _, v in d.headers)
