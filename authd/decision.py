@@ -7,7 +7,7 @@ Everything a request can end in is a ``Decision`` value; the HTTP resource and t
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, TypeAlias
@@ -67,6 +67,7 @@ class PolicyPlan:
     issuers: tuple[IssuerConfig, ...]
     sources: tuple[TokenSource, ...]
     readers: Mapping[TokenSource, frozenset[str]]  # source -> names of the issuers reading it
+    by_name: Mapping[str, IssuerConfig]  # the accepted issuers
     enriched: Mapping[str, IssuerConfig]  # issuer name -> issuer, for those enriched
 
     @property
@@ -82,14 +83,22 @@ class PolicyPlan:
             issuers=issuers,
             sources=sources or config.token_sources,
             readers={s: frozenset(i.name for i in issuers if i.reads(s)) for s in sources},
+            by_name={i.name: i for i in issuers},
             enriched={i.name: i for i in issuers if enriches(policy.config, i)},
         )
 
-    def read_by(self, issuer_name: str, sources: Sequence[TokenSource] | None) -> bool:
-        """Whether ``issuer_name``'s tokens may arrive where this one did."""
+    def chooses(self, issuer_name: str, sources: Sequence[TokenSource] | None) -> bool:
+        """Whether a token verified by ``issuer_name`` and arriving in ``sources`` would be
+        given to that issuer again (:func:`authd.verify.choose_issuer`'s rule): it reads one
+        of those places, and no other issuer reading them has the same ``iss``."""
+        chosen = self.by_name.get(issuer_name)
+        if chosen is None:
+            return False
         if sources is None:
-            return any(i.name == issuer_name for i in self.issuers)
-        return any(issuer_name in self.readers.get(s, ()) for s in sources)
+            readers: Iterable[str] = self.by_name
+        else:
+            readers = (name for s in sources for name in self.readers.get(s, ()))
+        return {n for n in readers if self.by_name[n].issuer == chosen.issuer} == {issuer_name}
 
 
 class Authorizer:
@@ -172,8 +181,8 @@ class Authorizer:
                 self.cache is not None
                 and (hit := self.cache.get(digest, policy)) is not None
                 and hit.claims is not None
-                # The same token in a place its issuer does not read is not that allow.
-                and plan.read_by(hit.claims.issuer_name, sources)
+                # The same token where it would not go to that issuer is not that allow.
+                and plan.chooses(hit.claims.issuer_name, sources)
             ):
                 return hit
             verified = await self.verifier.verify_with_keys(

@@ -151,8 +151,17 @@ class Identity:
         return bool(matching) and all(c.success for c in matching)
 
     def passed_posture_names(self) -> tuple[str, ...]:
-        """The name (or id, when it has none) of each check that passed, in the answer's order."""
-        return tuple(c.name or c.id for c in self.posture if c.success)
+        """Each check that passed, in the answer's order: by its name when that name has
+        passed as :meth:`posture_passed` judges it (every check of the name passed), else
+        by its id. A name shared with a failed check (per-OS rules often share one) is
+        never listed as passed."""
+        return tuple(
+            dict.fromkeys(
+                c.name if c.name and self.posture_passed(c.name) else c.id
+                for c in self.posture
+                if c.success
+            ),
+        )
 
     def get(self, path: str) -> object | None:
         """A member of the document by name; a dotted name walks nested objects."""

@@ -15,13 +15,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from authd import config as config_mod
 from authd import verify
 from authd.cache import DecisionCache
-from authd.config import CacheSettings
+from authd.config import CacheSettings, TokenSource
 from authd.decision import Authorizer
 from authd.errors import Denied, Reason
-from authd.headers import token_digest
-from tests.conftest import AUD, NOW, OTHER_AUD, make_config
+from authd.headers import Found, token_digest
+from authd.keys import IssuerKeys, KeyStore
+from tests.conftest import AUD, ISSUER, NOW, OTHER_AUD, make_config
 
 WIKI = {"audience": [AUD], "allow_email_domains": ["example.com"]}
 OPS = {"audience": [AUD], "allow_emails": ["bob@example.com"]}
@@ -273,3 +275,50 @@ def test_the_window_is_exactly_where_the_time_checks_pass(exp, nbf, iat, now, la
     except Denied:
         passes = False
     assert passes == (valid_from <= then < valid_until)
+
+
+# --- several issuers: a hit must go to the issuer a fresh check would choose -----------------
+
+
+@pytest.fixture
+async def shared_iss(source, clock):
+    """Two OIDC issuers with one iss (the conftest's), told apart only by where tokens arrive."""
+    cfg = config_mod.parse(
+        {
+            "issuers": [
+                {
+                    "name": name,
+                    "provider": "oidc",
+                    "issuer": ISSUER,
+                    "jwks_url": f"{ISSUER}/keys-{name}",
+                    "token_sources": [where],
+                }
+                for name, where in (("a", "header:X-Token"), ("b", "bearer"))
+            ],
+            "policies": {"wiki": WIKI},
+        },
+    )
+    keys = [IssuerKeys(i, source, clock) for i in cfg.issuers]
+    for k in keys:
+        assert await k.refresh()
+    authorizer = Authorizer.from_config(cfg, KeyStore(keys), clock)
+    header, bearer = TokenSource("header", "X-Token"), TokenSource("bearer")
+
+    async def decide(token: str, *where: TokenSource):
+        return await authorizer.decide("wiki", lambda _: Found(token, where))
+
+    return decide, header, bearer
+
+
+async def test_a_hit_is_no_way_around_a_token_that_fits_two_issuers(shared_iss, forge):
+    decide, header, bearer = shared_iss
+    token = forge.valid()
+    both = await decide(token, header, bearer)
+    assert (both.status, both.reason) == (401, Reason.BAD_ISSUER)  # it fits a and b
+    alone = await decide(token, header)
+    assert (alone.status, alone.claims.issuer_name) == (200, "a")
+    assert (await decide(token, header)).cached
+    again = await decide(token, header, bearer)  # the cached allow of "a" must not answer
+    assert (again.status, again.reason, again.cached) == (401, Reason.BAD_ISSUER, False)
+    other = await decide(token, bearer)  # b's to judge afresh, not a's cached allow
+    assert (other.status, other.cached, other.claims.issuer_name) == (200, False, "b")
