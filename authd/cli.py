@@ -339,12 +339,12 @@ def _parser() -> argparse.ArgumentParser:
                   google = {"access_levels": []}.
               aws-alb  ES256; arrives as x-amzn-oidc-data. The header carries alg, kid,
                   signer (--signer: the ALB's ARN), iss, client (--client), exp, typ;
-                  the payload sub, email, exp, iss. Every segment is base64url WITH
-                  '=' padding and signed as padded, as ALBs do. No aud: a policy's
-                  audience is the ALB's ARN, compared with signer.
+                  the payload sub, email, email_verified, exp, iss. Every segment is
+                  base64url WITH '=' padding and signed as padded, as ALBs do. No aud:
+                  a policy's audience is the ALB's ARN, compared with signer.
               oidc  RS256; arrives as Authorization: Bearer. iss (--iss, required),
                   aud (--aud: the client id; a list if given more than once), sub,
-                  email, iat, exp.
+                  email, email_verified, iat, exp.
 
             --claim adds to (or replaces in) the payload of any provider. An option
             that the provider's tokens have no place for is an error."""),

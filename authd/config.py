@@ -151,6 +151,10 @@ class IssuerConfig:
     get_identity: bool = False  # cloudflare: enrich this issuer's tokens (policies may override)
     get_identity_url: str | None = None  # cloudflare: <team domain>/cdn-cgi/access/get-identity
     get_identity_timeout_seconds: float = DEFAULT_GET_IDENTITY_TIMEOUT
+    # An email counts only with "email_verified": true: the default for oidc and aws-alb.
+    # Cloudflare and Google vouch for the email themselves; a generic OpenID provider may let
+    # anyone sign up with any address.
+    require_email_verified: bool = False
     refresh_seconds: float = 3600
     refetch_cooldown_seconds: float = 60
     max_stale_seconds: float = 86400
@@ -466,6 +470,10 @@ def _parse_issuer(
     if not groups_claim:
         problems.append(f"{path}.groups_claim: must not be empty")
     get_identity, get_identity_url, get_identity_timeout = where.get_identity(issuer)
+    require_email_verified = table.get_bool(
+        "require_email_verified",
+        default=provider in {"oidc", "aws-alb"},
+    )
     refresh = table.get_number("refresh_seconds", 3600, low=60, high=7 * 86400)
     cooldown = table.get_number("refetch_cooldown_seconds", 60, low=1, high=86400)
     max_stale = table.get_number("max_stale_seconds", 86400, low=0, high=30 * 86400)
@@ -490,6 +498,7 @@ def _parse_issuer(
         get_identity=get_identity,
         get_identity_url=get_identity_url,
         get_identity_timeout_seconds=get_identity_timeout,
+        require_email_verified=require_email_verified,
         refresh_seconds=refresh,
         refetch_cooldown_seconds=cooldown,
         max_stale_seconds=max_stale,
@@ -501,23 +510,25 @@ class _IssuerWhere:
     """The parts of an issuer that its provider presets: the issuer URL, the key source
     and (Cloudflare) get-identity. A key that does not apply to the provider is a problem."""
 
-    _ONLY: ClassVar[dict[str, Provider]] = {
-        "team": "cloudflare",
-        "get_identity": "cloudflare",
-        "get_identity_url": "cloudflare",
-        "get_identity_timeout_seconds": "cloudflare",
-        "region": "aws-alb",
-        "alb_keys_url": "aws-alb",
-        "discovery_url": "oidc",
+    _ONLY: ClassVar[dict[str, tuple[Provider, ...]]] = {
+        "team": ("cloudflare",),
+        "get_identity": ("cloudflare",),
+        "get_identity_url": ("cloudflare",),
+        "get_identity_timeout_seconds": ("cloudflare",),
+        "region": ("aws-alb",),
+        "alb_keys_url": ("aws-alb",),
+        "discovery_url": ("oidc",),
+        "require_email_verified": ("oidc", "aws-alb"),
     }
 
     def __init__(self, table: _Table, path: str, provider: Provider) -> None:
         self.table, self.path, self.provider = table, path, provider
         self.problems = table.problems
         for key, only in self._ONLY.items():
-            if key in table.raw and provider != only:
+            if key in table.raw and provider not in only:
                 table.used.add(key)
-                self.problems.append(f"{path}.{key}: only for provider = {only!r}")
+                allowed = " or ".join(repr(p) for p in only)
+                self.problems.append(f"{path}.{key}: only for provider = {allowed}")
 
     def issuer(self) -> str | None:
         table, path = self.table, self.path
@@ -563,7 +574,12 @@ class _IssuerWhere:
             if (region is None) == (alb is None):
                 self.problems.append(f"{path}: needs exactly one of region and alb_keys_url")
                 return None
-            alb = (alb or ALB_KEYS_URL.format(region=region)).rstrip("/")
+            if alb is None and region is not None:
+                # The China regions' endpoints are under amazonaws.com.cn.
+                cn = ".cn" if region.startswith("cn-") else ""
+                alb = ALB_KEYS_URL.format(region=region) + cn
+            assert alb is not None  # exactly one of the two, checked above
+            alb = alb.rstrip("/")
             return self._checked(None, None, None, alb, "alb_keys_url")
         if jwks_url is None and jwks_file is None:
             team = self.provider == "cloudflare" and "team" in table.raw
@@ -793,8 +809,9 @@ def _issuer_problem(issuer: str, provider: Provider) -> str | None:
     loopback = url.scheme == "http" and _is_loopback(url.hostname or "")
     if not (url.scheme == "https" or loopback) or not url.hostname:
         return "must be an https:// URL, exactly as the token's iss claim says"
-    # Some OpenID providers' issuers end with "/" (Auth0's do); theirs is compared as written.
-    if issuer.endswith("/") and provider != "oidc":
+    # Some OpenID providers' issuers end with "/" (Auth0's do); theirs is compared as written,
+    # as is an ALB's, which is its OpenID provider's.
+    if issuer.endswith("/") and provider not in {"oidc", "aws-alb"}:
         return "must not end with '/': tokens carry the issuer without one, compared exactly"
     return None
 

@@ -381,10 +381,15 @@ def alb_claims(
     ttl: int = DEFAULT_TTL["aws-alb"],
     extra: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
-    """The claims of an ALB's x-amzn-oidc-data: the OIDC provider's user info (sub, email) with
-    the exp and iss the ALB adds. No aud and no iat."""
+    """The claims of an ALB's x-amzn-oidc-data: the OIDC provider's user info (sub, email,
+    email_verified) with the exp and iss the ALB adds. No aud and no iat."""
     _, expires = _times(now, ttl)
-    payload: dict[str, object] = {"sub": _subject(email), "email": email, "exp": expires}
+    payload: dict[str, object] = {
+        "sub": _subject(email),
+        "email": email,
+        "email_verified": True,
+        "exp": expires,
+    }
     payload["iss"] = iss
     return _with_extra(payload, extra)
 
@@ -399,13 +404,14 @@ def oidc_claims(  # noqa: PLR0913 -- one keyword per command-line option
     extra: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     """The claims of an OpenID Connect ID token: iss, aud (the client id; a list when there are
-    several), sub, email, iat, exp."""
+    several), sub, email, email_verified, iat, exp."""
     issued, expires = _times(now, ttl)
     payload: dict[str, object] = {
         "iss": iss,
         "aud": aud[0] if len(aud) == 1 else list(aud),
         "sub": _subject(email),
         "email": email,
+        "email_verified": True,
         "iat": issued,
         "exp": expires,
     }

@@ -163,7 +163,8 @@ class Verifier:
                 raise Denied(Reason.BAD_TYPE, f"type {_show(payload.get('type'))}, expected 'app'")
             email, sub, service_token = identity(payload)
         else:
-            email, sub, service_token = *subject(payload), ""
+            email, sub = subject(payload, require_verified=issuer.require_email_verified)
+            service_token = ""
         return Claims(
             payload=types.MappingProxyType(payload),
             issuer_name=issuer.name,
@@ -441,14 +442,22 @@ def identity(payload: Mapping[str, object]) -> tuple[str, str, str]:
     return email, sub, ""
 
 
-def subject(payload: Mapping[str, object]) -> tuple[str, str]:
-    """(email, sub) of a Google IAP, ALB or OIDC token: ``sub`` is required, ``email`` not."""
+def subject(payload: Mapping[str, object], *, require_verified: bool = False) -> tuple[str, str]:
+    """(email, sub) of a Google IAP, ALB or OIDC token: ``sub`` is required, ``email`` not.
+
+    With ``require_verified``, an email without ``"email_verified": true`` counts as none:
+    the user is known by ``sub`` and no email rule can admit them. (Amazon Cognito's
+    userinfo, which an ALB passes on, says ``"true"`` as a string.)
+    """
     email = payload.get("email", "")
     sub = payload.get("sub")
     if not isinstance(email, str):
         raise Denied(Reason.BAD_CLAIMS, "email must be a string")
     if not isinstance(sub, str) or not sub:
         raise Denied(Reason.BAD_CLAIMS, "sub is missing or not a non-empty string")
+    verified = payload.get("email_verified")
+    if require_verified and verified is not True and verified != "true":
+        email = ""
     return email, sub
 
 

@@ -292,6 +292,7 @@ async def shared_iss(source, clock):
                     "issuer": ISSUER,
                     "jwks_url": f"{ISSUER}/keys-{name}",
                     "token_sources": [where],
+                    "require_email_verified": False,  # conftest's tokens do not say
                 }
                 for name, where in (("a", "header:X-Token"), ("b", "bearer"))
             ],

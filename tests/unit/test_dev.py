@@ -270,6 +270,7 @@ def test_alb_claims_are_user_info_with_exp_and_iss_and_no_aud():
     assert c == {
         "sub": c["sub"],
         "email": "bob@example.com",
+        "email_verified": True,
         "exp": 4600,
         "iss": dev.DEV_ALB_ISSUER,
         "name": "Bob",
@@ -284,6 +285,7 @@ def test_oidc_claims_have_the_client_id_as_audience():
         "aud": dev.DEV_OIDC_CLIENT_ID,
         "sub": c["sub"],
         "email": dev.DEV_EMAIL,
+        "email_verified": True,
         "iat": 940 - 3600,
         "exp": 940,
     }
@@ -349,7 +351,7 @@ def test_an_alb_token_is_padded_and_verifies_over_the_padded_segments(tmp_path):
         "exp": payload["exp"],
         "typ": "JWT",
     }
-    assert set(payload) == {"sub", "email", "exp", "iss"}
+    assert set(payload) == {"sub", "email", "email_verified", "exp", "iss"}
     assert payload["iss"] == header["iss"]
     # Every segment is exactly the padded encoding of its bytes; the signature's 64 bytes
     # always need padding, so the token always shows it.
@@ -388,7 +390,7 @@ def test_an_oidc_token_verifies_with_the_jwks_keygen_wrote(tmp_path):
         issuer="https://idp.example.com",
     )
     assert claims["aud"] == "wiki"
-    assert set(claims) == {"iss", "aud", "sub", "email", "iat", "exp"}
+    assert set(claims) == {"iss", "aud", "sub", "email", "email_verified", "iat", "exp"}
 
 
 def test_a_cloudflare_token_from_mint_token_is_as_before(tmp_path):

@@ -110,7 +110,13 @@ def alb_token(
 ) -> str:
     """An ALB's x-amzn-oidc-data: signer in the header, padded base64url, ES256 over the
     segments as they are sent."""
-    body = {"sub": "1234-abcd", "email": "alice@example.com", "exp": int(NOW) + 120, "iss": IDP}
+    body = {
+        "sub": "1234-abcd",
+        "email": "alice@example.com",
+        "email_verified": True,
+        "exp": int(NOW) + 120,
+        "iss": IDP,
+    }
     body |= payload or {}
     head = {
         "alg": alg,
@@ -148,9 +154,11 @@ def oidc_token(key: object, headers: dict[str, object] | None = None, **claims: 
         "iss": "https://okta.example.com",
         "aud": "client-1",
         "sub": "00u1",
+        "email_verified": True,
         "iat": int(NOW),
         "exp": int(NOW) + 600,
     } | claims
+    payload = {k: v for k, v in payload.items() if v is not None}
     return jwt.encode(payload, key, algorithm="RS256", headers={"kid": "rsa-1", **(headers or {})})
 
 
@@ -437,3 +445,45 @@ def test_two_issuers_reading_the_same_place_need_different_iss():
     with pytest.raises(config_mod.ConfigError) as ex:
         config_mod.parse(raw)
     assert any("both read bearer with issuer" in p for p in ex.value.problems)
+
+
+@pytest.mark.parametrize("verified", [False, "false", None, 1, "yes"])
+async def test_an_oidc_email_counts_only_when_the_provider_verified_it(verifier, rsa_key, verified):
+    # A generic OpenID provider may let anyone sign up as ceo@example.com.
+    token = oidc_token(rsa_key, email="ceo@example.com", email_verified=verified)  # None: absent
+    v = await check(verifier, token, ("client-1",), (BEARER,))
+    assert (v.claims.email, v.claims.user) == ("", "00u1")
+
+
+async def test_an_alb_email_counts_when_cognito_says_verified_as_a_string(verifier, ec_key):
+    token = alb_token(ec_key, payload={"email_verified": "true"})
+    assert (await check(verifier, token, (ALB_ARN,), (ALB_HEADER,))).claims.email == (
+        "alice@example.com"
+    )
+    unverified = alb_token(ec_key, payload={"email_verified": False})
+    assert (await check(verifier, unverified, (ALB_ARN,), (ALB_HEADER,))).claims.email == ""
+
+
+async def test_an_issuer_may_trust_unverified_emails_when_told_to(rsa_key):
+    trusting = issuers(
+        {
+            "name": "azure",
+            "provider": "oidc",
+            "issuer": "https://login.microsoftonline.com/t/v2.0",
+            "require_email_verified": False,
+        },
+    )
+    store = Store(
+        {"azure": Keys("azure", {"rsa-1": VerifyKey("rsa-1", rsa_key.public_key(), "RS256")})}
+    )
+    v = Verifier(trusting, store, FakeClock(NOW), LEEWAY)  # type: ignore[arg-type]
+    token = oidc_token(rsa_key, iss="https://login.microsoftonline.com/t/v2.0", email="a@b.example")
+    token_claims = (await v.verify_with_keys(token, ("client-1",), sources=(BEARER,))).claims
+    assert token_claims.email == "a@b.example"
+
+
+def test_require_email_verified_is_for_oidc_and_alb_only():
+    raw = {"issuers": [{"name": "cf", "team": "t", "require_email_verified": True}]}
+    with pytest.raises(config_mod.ConfigError) as ex:
+        config_mod.parse(raw)
+    assert "require_email_verified: only for provider = 'oidc' or 'aws-alb'" in ex.value.problems[0]
