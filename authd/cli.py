@@ -593,8 +593,11 @@ def _explain(d: Decision, token: str) -> dict[str, object]:
 def _unverified(token: str) -> dict[str, object] | None:
     """The token's header and payload as they read, unverified, for a human to look at."""
     with contextlib.suppress(Denied):
-        h, p, _ = split(token)
-        return {"header": decode_json_segment(h), "payload": decode_json_segment(p)}
+        h, p, _ = split(token, padded=True)  # as an ALB's token would be
+        return {
+            "header": decode_json_segment(h, padded=True),
+            "payload": decode_json_segment(p, padded=True),
+        }
     return None
 
 

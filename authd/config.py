@@ -76,8 +76,8 @@ DEFAULT_HEADER_NAMES = (
 )
 RESERVED_HEADER_NAMES = frozenset(n.lower() for n in (*DEFAULT_HEADER_NAMES, "X-Authd-Reason"))
 
-_POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_ISSUER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Policy names appear in the URL (/auth/<policy>), issuer names in headers and metrics.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}")
 _TEAM = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _CUSTOM_HEADER = re.compile(r"X-Authd-[A-Za-z0-9][A-Za-z0-9-]{0,63}", re.IGNORECASE)
@@ -278,6 +278,20 @@ class Config:
                     "hand one user's allow to another",
                 )
         for policy in self.policies.values():
+            # For Cloudflare and IAP, a token for the audience has passed the proxy's own
+            # access policy; for an OIDC client or an ALB it says only "signed in".
+            open_to = [
+                i.name
+                for i in self.accepted_issuers(policy)
+                if i.provider in {"oidc", "aws-alb"} and policy.admits_any
+            ]
+            if open_to:
+                out.append(
+                    f"policies.{policy.name}: no allow_* list, so every user who can sign in "
+                    f"at the identity provider of {', '.join(open_to)} is let in (an OIDC or "
+                    "ALB audience says only that they signed in); add allow_emails, "
+                    "allow_email_domains or allow_groups, or restrict issuers",
+                )
             if policy.all_headers:
                 names = ", ".join(name for name, _ in policy.all_headers)
                 out.append(
@@ -350,7 +364,7 @@ def parse(raw: Mapping[str, object]) -> Config:
     policies: dict[str, PolicyConfig] = {}
     for name, value in top.get_tables("policies").items():
         path = f"policies.{name}"
-        if not _POLICY_NAME.fullmatch(name):
+        if not _NAME.fullmatch(name):
             problems.append(
                 f"{path}: policy names are 1-64 of A-Z a-z 0-9 _ . - (they appear in the URL "
                 "/auth/<policy>), starting with a letter or digit",
@@ -402,9 +416,13 @@ def _parse_cache(table: _Table) -> CacheSettings:
 
 def enriches(policy: PolicyConfig, issuer: IssuerConfig) -> bool:
     """Whether ``policy`` asks get-identity about tokens of ``issuer`` (Cloudflare only)."""
+    return _enriches(policy.get_identity, issuer)
+
+
+def _enriches(get_identity: bool | None, issuer: IssuerConfig) -> bool:
     if issuer.provider != "cloudflare":
         return False
-    return issuer.get_identity if policy.get_identity is None else policy.get_identity
+    return issuer.get_identity if get_identity is None else get_identity
 
 
 def _parse_issuer(
@@ -414,7 +432,7 @@ def _parse_issuer(
     problems: list[str],
 ) -> IssuerConfig | None:
     name = table.get_str("name", None)
-    if name is not None and not _ISSUER_NAME.fullmatch(name):
+    if name is not None and not _NAME.fullmatch(name):
         problems.append(f"{path}.name: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
     provider_text = table.get_str("provider", "cloudflare")
     provider: Provider = "cloudflare"
@@ -708,11 +726,11 @@ def _parse_policy(  # noqa: PLR0915 -- one check per key, in the order of the do
     )
 
     known = {i.name: i for i in issuers}
-    accepted_names = table.get_str_list("issuers", [])
-    for issuer_name in accepted_names:
+    accepted_names = table.get_str_list("issuers", None, allow_empty=False)
+    for issuer_name in accepted_names or ():
         if issuer_name not in known:
             problems.append(f"{path}.issuers: no issuer is named {issuer_name!r}")
-    accepted = [known[n] for n in accepted_names if n in known] or list(issuers)
+    accepted = [known[n] for n in accepted_names or () if n in known] or list(issuers)
     get_identity = table.get_bool("get_identity", None)
     posture = table.get_str_list("require_posture", [])
     idp_types = table.get_str_list("require_idp_types", [])
@@ -721,24 +739,14 @@ def _parse_policy(  # noqa: PLR0915 -- one check per key, in the order of the do
     if failure not in {None, "deny", "allow"}:
         problems.append(f'{path}.on_enrichment_failure: "deny" or "allow"')
         failure = None
-    policy = PolicyConfig(
-        name=name,
-        audience=tuple(audience or ()),
-        allow_groups=frozenset(groups),
-        issuers=tuple(dict.fromkeys(accepted_names)),
-        get_identity=get_identity,
-        require_posture=tuple(dict.fromkeys(posture)),
-        require_idp_types=frozenset(idp_types),
-        require_amr=frozenset(amr),
-        identity_headers=identity_headers,
-        posture_headers=posture_headers,
-    )
-    enriched = [i.name for i in accepted if enriches(policy, i)]
+
+    enriched = [i.name for i in accepted if _enriches(get_identity, i)]
     if get_identity and not any(i.provider == "cloudflare" for i in accepted):
         problems.append(
             f"{path}.get_identity: only Cloudflare issuers have get-identity, "
             "and this policy accepts none",
         )
+    needs_identity = bool(posture or idp_types or amr)
     wants = [k for k in ("require_posture", "require_idp_types", "require_amr") if k in table.raw]
     wants += [k for k in ("identity_headers", "posture_headers") if table.raw.get(k)]
     if wants and not enriched and issuers:
@@ -746,12 +754,16 @@ def _parse_policy(  # noqa: PLR0915 -- one check per key, in the order of the do
             f"{path}: {', '.join(wants)} need get-identity: set get_identity = true on this "
             "policy or on a Cloudflare issuer it accepts",
         )
-    if failure == "allow" and policy.needs_identity:
+    if failure is not None and not enriched and issuers:
+        problems.append(f"{path}.on_enrichment_failure: the policy does not use get-identity")
+    if failure == "allow" and needs_identity:
         problems.append(
             f'{path}.on_enrichment_failure: "allow" cannot apply to require_posture, '
             "require_idp_types or require_amr: only get-identity's answer can satisfy them",
         )
-    depends = policy.needs_identity or bool(groups and enriched)
+    # Fail closed by default where the rules need the answer: the require_* rules always,
+    # allow_groups when it is matched against get-identity's groups.
+    depends = needs_identity or bool(groups and enriched)
     table.reject_unknown()
     if audience is None:
         return None
@@ -764,14 +776,12 @@ def _parse_policy(  # noqa: PLR0915 -- one check per key, in the order of the do
         allow_service_tokens=frozenset(services),
         require_claims=tuple(require),
         headers=headers,
-        issuers=policy.issuers,
+        issuers=tuple(dict.fromkeys(accepted_names or ())),
         get_identity=get_identity,
-        on_enrichment_failure="deny"
-        if (failure or ("deny" if depends else "")) == "deny"
-        else "allow",
-        require_posture=policy.require_posture,
-        require_idp_types=policy.require_idp_types,
-        require_amr=policy.require_amr,
+        on_enrichment_failure="deny" if failure == "deny" or (not failure and depends) else "allow",
+        require_posture=tuple(dict.fromkeys(posture)),
+        require_idp_types=frozenset(idp_types),
+        require_amr=frozenset(amr),
         identity_headers=identity_headers,
         posture_headers=posture_headers,
     )

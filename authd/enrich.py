@@ -38,7 +38,7 @@ import structlog
 from authd import fetch
 from authd.claims import lookup
 from authd.config import ascii_lower, url_problem
-from authd.errors import AuthdError, FetchError
+from authd.errors import AuthdError, BodyTooLarge, FetchError
 
 if TYPE_CHECKING:
     from authd.claims import Claims
@@ -425,11 +425,10 @@ def _check_subject(identity: Identity, claims: Claims) -> None:
 
 
 def _classify(ex: FetchError) -> str:
-    """The result of a failed fetch, told by the exception it came from (not by its text,
-    except for :func:`authd.fetch.get`'s own size cap, which has none)."""
+    """The result of a failed fetch, told by the exception it came from."""
     cause = ex.__cause__
     if isinstance(cause, TimeoutError | httpx.TimeoutException):
         return "timeout"
-    if cause is None and "cap" in str(ex):
+    if isinstance(ex, BodyTooLarge):
         return "too_large"
     return "transport"

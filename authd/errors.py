@@ -94,6 +94,10 @@ class FetchError(AuthdError):
     """Fetching or parsing a key set failed; the last good set stays in use."""
 
 
+class BodyTooLarge(FetchError):
+    """An answer was larger than its cap (declared, or as it arrived)."""
+
+
 class ConfigError(AuthdError):
     """The configuration is invalid; ``problems`` lists every problem, each with its TOML path."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import httpx
 
 from authd import __version__
-from authd.errors import FetchError
+from authd.errors import BodyTooLarge, FetchError
 
 MAX_BODY_BYTES = 1 << 20  # cloudflared's cap; a real key set is a few KiB
 
@@ -97,14 +97,14 @@ async def _get(  # noqa: PLR0913 -- as get()
             raise FetchError(f"HTTP {resp.status_code}{detail}")
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
-            raise FetchError(f"body of {declared} bytes is over the {max_bytes} cap")
+            raise BodyTooLarge(f"body of {declared} bytes is over the {max_bytes} cap")
         body = bytearray()
         # Decoded bytes (the endpoint may gzip), capped as they arrive: a decompression
         # bomb stops at the cap like any other oversized body.
         async for chunk in resp.aiter_bytes():
             body += chunk
             if len(body) > max_bytes:
-                raise FetchError(f"body is over the {max_bytes} byte cap")
+                raise BodyTooLarge(f"body is over the {max_bytes} byte cap")
         return Fetched(bytes(body), _max_age(resp.headers.get("cache-control", "")))
 
 

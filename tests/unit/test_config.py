@@ -526,3 +526,42 @@ def test_every_kind_of_custom_header_needs_the_rendered_snippet():
     )
     (warning,) = cfg.warnings()
     assert warning.startswith("policies.wiki: X-Authd-Idp, X-Authd-Disk-Encrypted reach the")
+
+
+def test_a_policy_open_to_anyone_who_signs_in_at_an_oidc_or_alb_provider_is_warned_about():
+    issuers = [
+        {"name": "cf", "team": "t"},
+        {"name": "google", "provider": "oidc", "issuer": "https://accounts.google.com"},
+    ]
+    policies = {
+        "open": {"audience": [AUD]},
+        "cf-only": {"audience": [AUD], "issuers": ["cf"]},
+        "listed": {"audience": [AUD], "allow_email_domains": ["example.com"]},
+    }
+    warnings = config.parse(minimal(issuers=issuers, policies=policies)).warnings()
+    assert [w.split(":")[0] for w in warnings] == ["policies.open"]
+    assert "every user who can sign in at the identity provider of google" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"issuers": []}, "policies.wiki.issuers: must not be empty"),
+        ({"on_enrichment_failure": "deny"}, "the policy does not use get-identity"),
+    ],
+)
+def test_policy_settings_that_would_be_silently_ignored_are_problems(policy, message):
+    problems = parse_problems(minimal(policies={"wiki": {"audience": [AUD], **policy}}))
+    assert any(message in p for p in problems), problems
+
+
+def test_alb_issuers_may_end_with_a_slash_and_china_regions_have_their_own_key_endpoint():
+    alb = {
+        "name": "alb",
+        "provider": "aws-alb",
+        "issuer": "https://t.auth0.com/",
+        "region": "cn-north-1",
+    }
+    (issuer,) = config.parse(minimal(issuers=[alb])).issuers
+    assert issuer.issuer == "https://t.auth0.com/"
+    assert issuer.alb_keys_url == "https://public-keys.auth.elb.cn-north-1.amazonaws.com.cn"
