@@ -94,7 +94,7 @@ class FetchError(AuthdError):
     """Fetching or parsing a key set failed; the last good set stays in use."""
 
 
-class BodyTooLarge(FetchError):
+class BodyTooLarge(FetchError):  # noqa: N818 -- a FetchError: the name says which one
     """An answer was larger than its cap (declared, or as it arrived)."""
 
 

@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from authd import audit, config, metrics
 from authd.app import EveryValue, create_app
 from authd.dev import DEV_AUDIENCE, DEV_ISSUER, claims, key_set, mint
-from authd.headers import RequestFacts, extract_token, token_digest
 from authd.fetch import make_http_client
+from authd.headers import RequestFacts, extract_token, token_digest
 from authd.keys import SystemClock
 from authd.service import Service
 

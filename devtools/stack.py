@@ -343,7 +343,7 @@ class _Server(socketserver.ThreadingTCPServer):
         return port
 
 
-class _QuietHandler(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
     """A request handler that does not write an access log to stderr."""
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002, ARG002 - stdlib's signature
@@ -373,7 +373,7 @@ class _QuietHandler(BaseHTTPRequestHandler):
             pass  # the client gave up (a size cap or a timeout on its side): nothing to do
 
 
-class _LoopbackServer:
+class LoopbackServer:
     """Owns a `_Server` on 127.0.0.1 for `handler`, and the thread that serves it."""
 
     handler: type[socketserver.BaseRequestHandler]
@@ -438,7 +438,7 @@ class KeyReply:
     hold: bool = False  # answer only once the test calls `KeyServer.release()`
 
 
-class _KeyHandler(_QuietHandler):
+class _KeyHandler(QuietHandler):
     server: _Server
 
     def do_GET(self) -> None:
@@ -474,7 +474,7 @@ class _KeyHandler(_QuietHandler):
         )
 
 
-class KeyServer(_LoopbackServer):
+class KeyServer(LoopbackServer):
     """A JWKS endpoint at `CERTS_PATH` on 127.0.0.1, steerable while tests run.
 
     Every request is counted (`request_count`, `paths`), whatever it is answered; `in_flight`
@@ -641,7 +641,7 @@ def _as_json_bytes(value: bytes | Mapping[str, Any]) -> bytes:
 # --- documents by path: an OIDC provider, an ALB's key endpoint -----------------------------------
 
 
-class _StaticHandler(_QuietHandler):
+class _StaticHandler(QuietHandler):
     server: _Server
 
     def do_GET(self) -> None:
@@ -654,7 +654,7 @@ class _StaticHandler(_QuietHandler):
             self.send_body(200, *found)
 
 
-class StaticServer(_LoopbackServer):
+class StaticServer(LoopbackServer):
     """Documents by path on 127.0.0.1, 404 for any other path: an OpenID provider's discovery
     document and key set, or an AWS ALB's key endpoint (one PEM public key per kid).
 
@@ -727,7 +727,7 @@ class ReceivedRequest:
         return {"method": self.method, "path": self.path, "headers": merged}
 
 
-class _UpstreamHandler(_QuietHandler):
+class _UpstreamHandler(QuietHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive, as nginx may use it towards the upstream
 
@@ -756,7 +756,7 @@ class _UpstreamHandler(_QuietHandler):
         self._handle()
 
 
-class _RecordingServer(_LoopbackServer):
+class _RecordingServer(LoopbackServer):
     """A loopback server that keeps every request it received."""
 
     def __init__(self, port: int = 0) -> None:

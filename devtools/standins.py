@@ -15,18 +15,16 @@ from __future__ import annotations
 import copy
 import http.cookies
 import json
-import socketserver
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 
-LOOPBACK = "127.0.0.1"
+from devtools.stack import LoopbackServer, QuietHandler
+
 GET_IDENTITY_PATH = "/cdn-cgi/access/get-identity"
 MOVED_PATH = "/moved/get-identity"  # where `IdentityReply.redirect` points: a follower would win
 COOKIE_NAME = "CF_Authorization"
-STOP_TIMEOUT = 10.0
 
 # The posture rules of `documented_identity`, as Cloudflare's tutorial enables them.
 DISK_ENCRYPTION_RULE_ID = "8d4d9e3a-0d3c-4f3e-9b1a-3f2c6a1e7d01"
@@ -175,26 +173,11 @@ class SeenRequest:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    """A threaded TCP server on 127.0.0.1 (not `HTTPServer`, whose bind asks DNS for a name)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, port: int, owner: GetIdentityServer) -> None:
-        self.owner = owner
-        super().__init__((LOOPBACK, port), _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+class _Handler(QuietHandler):
     protocol_version = "HTTP/1.0"  # every answer closes its connection: no keep-alive surprises
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002, ARG002 - stdlib's signature
-        return
-
-    def do_GET(self) -> None:
-        owner = self.server.owner
+    def do_GET(self) -> None:  # noqa: N802 -- the stdlib names it
+        owner = self.server.owner  # type: ignore[attr-defined]  # stack's server knows it
         reply = owner._record(self)  # noqa: SLF001 -- the handler is the server's own part
         try:
             self._answer(owner, reply)
@@ -208,20 +191,16 @@ class _Handler(BaseHTTPRequestHandler):
             owner.released.wait()
             if owner.closing.is_set():
                 return
-        try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", reply.content_type)
-            if reply.declare_length:
-                self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers:
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(reply.body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (its size cap or timeout): nothing to do
+        self.send_body(
+            reply.status,
+            reply.body,
+            reply.content_type,
+            reply.headers,
+            declare_length=reply.declare_length,
+        )
 
 
-class GetIdentityServer:
+class GetIdentityServer(LoopbackServer):
     """Cloudflare's get-identity endpoint on 127.0.0.1, answering per ``CF_Authorization`` token.
 
     ``answer(token, reply)`` sets what one token gets; ``answer_all(reply)`` what every token
@@ -231,10 +210,10 @@ class GetIdentityServer:
     Use it as a context manager, or call `start()` and `stop()`.
     """
 
+    handler = _Handler
+
     def __init__(self, port: int = 0) -> None:
-        self._port = port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(port)
         self._lock = threading.Condition()
         self._replies: dict[str, IdentityReply] = {}
         self._all: IdentityReply | None = None
@@ -246,45 +225,21 @@ class GetIdentityServer:
     # Lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> Self:
-        if self._server is None:
-            self.closing.clear()
-            self._server = _Server(self._port, self)
-            self._port = self._server.server_address[1]
-            self._thread = threading.Thread(
-                target=self._server.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"GetIdentityServer-{self._port}",
-                daemon=True,
-            )
-            self._thread.start()
+        self.closing.clear()
+        self._listen()
         return self
 
     def stop(self) -> None:
         """Stop listening; slow and held answers are dropped, not sent."""
         self.closing.set()
         self.released.set()
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(STOP_TIMEOUT)
-        self._server = None
-        self._thread = None
+        self._close()
 
     def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{LOOPBACK}:{self._port}"
 
     @property
     def url(self) -> str:
