@@ -229,8 +229,10 @@ def _parser() -> argparse.ArgumentParser:
               server-microcache micro-cache mode: /_authd, reusing allows for as
                                 long as authd says (use instead of server)
             The location snippets copy and overwrite authd's default identity headers
-            and every header that a policy's headers mapping adds. Without a
-            configuration file at the default path, the defaults are used.
+            and every header that a policy's headers, identity_headers or
+            posture_headers add. The micro-cache key holds every issuer's token
+            sources. Without a configuration file at the default path, the defaults
+            are used.
 
             Micro-cache mode (nginx_cache_seconds > 0 in authd.toml) lets nginx answer
             repeated requests of a token without asking authd; such a request writes
