@@ -91,6 +91,10 @@ class PolicyPlan:
         """Whether a token verified by ``issuer_name`` and arriving in ``sources`` would be
         given to that issuer again (:func:`authd.verify.choose_issuer`'s rule): it reads one
         of those places, and no other issuer reading them has the same ``iss``."""
+        if sources is not None and len(sources) == 1:
+            # The usual case, and a short one: two issuers reading one place never share
+            # an iss (the configuration refuses that).
+            return issuer_name in self.readers.get(sources[0], ())
         chosen = self.by_name.get(issuer_name)
         if chosen is None:
             return False
@@ -172,9 +176,7 @@ class Authorizer:
                     detail="nginx asked for a policy that is not configured",
                 )
             found = find(plan.sources)
-            token, sources = (
-                (found, None) if isinstance(found, str) else (found.token, found.sources)
-            )
+            token, sources = (found, None) if isinstance(found, str) else found
             digest = token_digest(token)
             tid = token_id(digest)
             if (

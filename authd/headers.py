@@ -9,7 +9,7 @@ import string
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias
 
 from authd.claims import lookup
 from authd.config import DEFAULT_HEADER_NAMES
@@ -65,9 +65,9 @@ class RequestHeaders(Protocol):
     def get_header(self, name: str) -> str | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Found:
-    """The one token a request carries, and every source it arrived in."""
+class Found(NamedTuple):
+    """The one token a request carries, and every source it arrived in (a tuple: built on
+    every request, where a frozen dataclass costs half a microsecond more)."""
 
     token: str
     sources: tuple[TokenSource, ...]
