@@ -47,7 +47,8 @@ class AuthSink:
         if "/" in policy:
             policy = ""
         headers = req.every_value
-        decision = await gen.authorizer.decide(policy, lambda s: find_token(s, headers))
+        client = (headers.get_header("X-Real-IP") or "")[:64]  # set by authd-server.conf
+        decision = await gen.authorizer.decide(policy, lambda s: find_token(s, headers), client)
         render(decision, resp, gen.config.nginx_cache_seconds, self.service.clock)
         seconds = time.perf_counter() - started
         metrics.observe(decision, policy in gen.authorizer.plans, seconds)

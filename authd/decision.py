@@ -160,8 +160,11 @@ class Authorizer:
             )
         return cls(verifier, plans, cache, identities)
 
-    async def decide(self, policy: str, find: TokenFinder) -> Decision:
-        """Decide one request. Never raises: a failure is an ``error`` decision (500)."""
+    async def decide(self, policy: str, find: TokenFinder, client: str = "") -> Decision:
+        """Decide one request. Never raises: a failure is an ``error`` decision (500).
+
+        ``client`` is the address nginx saw (X-Real-IP), for per-client limits.
+        """
         tid: str | None = None
         claims: Claims | None = None  # kept for the audit line of a 403
         choice = ""
@@ -192,6 +195,7 @@ class Authorizer:
                 plan.policy.config.audience,
                 sources=sources,
                 accepted=plan.issuers,
+                client=client,
             )
             claims, choice = verified.claims, verified.chosen_because
             identity: Identity | None = None

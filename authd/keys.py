@@ -67,7 +67,11 @@ MAX_DISCOVERY_BYTES = 256 * 1024
 ALB_KID = re.compile(r"[A-Za-z0-9-]{1,128}")
 MAX_PEM_BYTES = 16 * 1024  # a P-256 public key in PEM is 178 bytes
 ALB_MAX_KEYS = 64  # known kids kept (least recently used dropped first)
-ALB_MAX_NEW_KIDS = 10  # fetches of kids not yet known, per refetch_cooldown_seconds
+# Fetches of kids not yet known, per refetch_cooldown_seconds: per client (nginx's
+# X-Real-IP), and in all, which bounds what authd asks of AWS whatever the flood.
+ALB_MAX_NEW_KIDS = 10
+ALB_MAX_NEW_KIDS_IN_ALL = 100
+ALB_MAX_CLIENTS = 4096  # clients whose recent fetches are remembered (oldest forgotten first)
 
 PublicKeyType: TypeAlias = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
@@ -109,7 +113,7 @@ class KeySet(Protocol):
     def usable(self) -> bool: ...
     def age(self) -> float | None: ...
     def kids(self) -> list[str]: ...
-    async def key_for(self, kid: str) -> VerifyKey: ...
+    async def key_for(self, kid: str, client: str = "") -> VerifyKey: ...
     async def refresh(self) -> bool: ...
     async def run(self) -> None: ...
 
@@ -447,11 +451,12 @@ class IssuerKeys:
     def kids(self) -> list[str]:
         return sorted(self._keys)
 
-    async def key_for(self, kid: str) -> VerifyKey:
+    async def key_for(self, kid: str, client: str = "") -> VerifyKey:  # noqa: ARG002 -- see below
         """The key named ``kid``; an unknown kid may trigger one shared, rate-limited refetch.
 
         Raises :class:`KeysUnavailable` when there is no usable key set at all, and
-        ``Denied(unknown_kid)`` when the kid stays unknown.
+        ``Denied(unknown_kid)`` when the kid stays unknown. ``client`` plays no part: one
+        refetch brings every kid the issuer has, so a flood's refetch brings the real ones.
         """
         if not self.usable():
             raise KeysUnavailable(self.name, self._unusable_detail())
@@ -627,8 +632,14 @@ class AlbKeys:
     always true and readiness never waits for AWS. What bounds the outbound fetches is the
     kid itself (only :data:`ALB_KID` shapes are fetched), one fetch in flight per kid,
     a remembered "unknown" per kid for ``refetch_cooldown_seconds``, and at most
-    :data:`ALB_MAX_NEW_KIDS` fetches per ``refetch_cooldown_seconds`` in all. Known keys
-    stay (at most :data:`ALB_MAX_KEYS`, least recently used dropped first).
+    :data:`ALB_MAX_NEW_KIDS` fetches per ``refetch_cooldown_seconds`` per client (the
+    address nginx saw) and :data:`ALB_MAX_NEW_KIDS_IN_ALL` in all. Known keys stay (at most
+    :data:`ALB_MAX_KEYS`, least recently used dropped first).
+
+    Per client, because a forged token's kid cannot be told from a real new one before its
+    key is fetched: one budget for everyone would let ten forged tokens a minute refuse the
+    real kid of a key rotation. The real ones come through the ALB, the forged ones straight
+    to the origin, from other addresses.
 
     The state is per process, like :class:`IssuerKeys`'s.
     """
@@ -646,7 +657,9 @@ class AlbKeys:
         self.on_fetch = on_fetch
         self._keys: OrderedDict[str, VerifyKey] = OrderedDict()
         self._unknown: dict[str, float] = {}  # kid -> monotonic time it may be asked again
-        self._recent: deque[float] = deque()  # monotonic start times of fetches
+        self._recent: deque[float] = deque()  # monotonic start times of fetches, in all
+        # client -> monotonic start times of its fetches; least recently active first
+        self._by_client: OrderedDict[str, deque[float]] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[VerifyKey | None]] = {}
         self._fetched_at: float | None = None  # monotonic; last answer from the endpoint
         self.generation = 0  # bumped whenever a known key is dropped
@@ -671,8 +684,9 @@ class AlbKeys:
     def kids(self) -> list[str]:
         return sorted(self._keys)
 
-    async def key_for(self, kid: str) -> VerifyKey:
-        """The key named ``kid``, fetched (once, shared) if it is not known yet.
+    async def key_for(self, kid: str, client: str = "") -> VerifyKey:
+        """The key named ``kid``, fetched (once, shared) if it is not known yet; a fetch
+        counts against ``client``'s budget (the address nginx saw; "" when unknown).
 
         Raises ``Denied(unknown_kid)`` for a kid the endpoint does not have, one that is
         never put into a URL, or one over the rate limit; :class:`KeysUnavailable` when
@@ -684,7 +698,7 @@ class AlbKeys:
             return key
         if not ALB_KID.fullmatch(kid):
             raise Denied(Reason.UNKNOWN_KID, "kid is not of the form ALBs use; not fetched")
-        task = self._inflight.get(kid) or self._start_fetch(kid)
+        task = self._inflight.get(kid) or self._start_fetch(kid, client)
         try:
             key = await asyncio.wait_for(asyncio.shield(task), UNKNOWN_KID_WAIT_SECONDS)
         except TimeoutError as ex:
@@ -706,20 +720,30 @@ class AlbKeys:
         """Nothing to refresh in the background; waits until cancelled like the others."""
         await asyncio.get_running_loop().create_future()
 
-    def _start_fetch(self, kid: str) -> asyncio.Task[VerifyKey | None]:
+    def _start_fetch(self, kid: str, client: str) -> asyncio.Task[VerifyKey | None]:
         now = self.clock.monotonic()
         if now < self._unknown.get(kid, -float("inf")):
             raise Denied(Reason.UNKNOWN_KID, "unknown kid (the endpoint said so recently)")
         window = self.config.refetch_cooldown_seconds
-        while self._recent and now - self._recent[0] >= window:
-            self._recent.popleft()
-        if len(self._recent) >= ALB_MAX_NEW_KIDS:
-            raise Denied(
-                Reason.UNKNOWN_KID,
-                f"unknown kid, not fetched: rate limit of {ALB_MAX_NEW_KIDS} key fetches "
-                f"per {window:g}s reached",
-            )
+        mine = self._by_client.pop(client, None) or deque()
+        self._by_client[client] = mine  # the most recently active last
+        while len(self._by_client) > ALB_MAX_CLIENTS:
+            self._by_client.popitem(last=False)
+        for recent in (self._recent, mine):
+            while recent and now - recent[0] >= window:
+                recent.popleft()
+        for recent, limit, whose in (
+            (mine, ALB_MAX_NEW_KIDS, "this client's"),
+            (self._recent, ALB_MAX_NEW_KIDS_IN_ALL, "all clients'"),
+        ):
+            if len(recent) >= limit:
+                raise Denied(
+                    Reason.UNKNOWN_KID,
+                    f"unknown kid, not fetched: rate limit of {limit} key fetches per "
+                    f"{window:g}s ({whose}) reached",
+                )
         self._recent.append(now)
+        mine.append(now)
         log.info("keys_refetch", issuer=self.name, trigger="unknown_kid", kid=kid)
         task = asyncio.get_running_loop().create_task(self._fetch(kid))
         self._inflight[kid] = task

@@ -111,13 +111,15 @@ class Verifier:
         *,
         sources: Sequence[TokenSource] | None = None,
         accepted: Sequence[IssuerConfig] | None = None,
+        client: str = "",
     ) -> Verified:
         """As :meth:`verify`, and which key set verified the token, in which generation.
 
         ``accepted`` are the issuers the policy accepts (default: every one) and
         ``sources`` where the token arrived (default: unknown, so any issuer's place):
         the issuer is the one of those that reads a source the token came from and whose
-        ``iss`` the token names.
+        ``iss`` the token names. ``client`` (the address nginx saw) is whose budget a key
+        fetch for a new kid counts against (:class:`authd.keys.AlbKeys`).
         """
         readers = [
             i
@@ -140,7 +142,7 @@ class Verifier:
             raise LookupError(f"no key store for issuer {issuer.name}")
         # Read before the key is: a set replaced while this runs must not vouch for it.
         generation = store.generation
-        key = await store.key_for(kid)
+        key = await store.key_for(kid, client)
         signing_input = f"{header_b64}.{payload_b64}".encode("ascii")  # as sent, padding and all
         check_signature(alg, key, signing_input, sig_b64, padded=padded)
         claims = self._claims(payload, issuer, kid, alg, audience)

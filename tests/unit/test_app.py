@@ -7,7 +7,7 @@ from structlog.testing import capture_logs
 
 from authd.app import create_app
 from authd.audit import Auditor
-from authd.errors import Reason
+from authd.errors import Denied, Reason
 from authd.keys import IssuerKeys, KeyStore
 from tests.conftest import AUD, ISSUER, NOW, issuer_config, make_config, make_service
 
@@ -331,3 +331,32 @@ async def test_metrics_count_decisions_by_policy_decision_and_reason(client, for
     assert "no-such-policy" not in after
     count = "authd_decision_duration_seconds_count"
     assert sample(after, count) - sample(before, count) == 4
+
+
+class RecordingClient:
+    """A verifier that notes whose budget a key fetch would count against, and refuses."""
+
+    def __init__(self) -> None:
+        self.clients: list[str] = []
+
+    async def verify_with_keys(self, _token, _audience, **where):
+        self.clients.append(where["client"])
+        raise Denied(Reason.UNKNOWN_KID, "recorded")
+
+
+async def test_the_address_nginx_saw_is_the_client_a_key_fetch_counts_against(
+    config, store, clock, forge
+):
+    service = make_service(config, store, clock)
+    recording = RecordingClient()
+    service.current.authorizer.verifier = recording  # type: ignore[assignment]
+    app = create_app(service=service, auditor=Auditor())
+    token = forge.valid()
+    async with falcon.testing.ASGIConductor(app) as client:
+        for real_ip in ("203.0.113.9", "", "x" * 100):
+            headers = {"Cf-Access-Jwt-Assertion": token}
+            if real_ip:
+                headers["X-Real-IP"] = real_ip
+            resp = await client.simulate_get("/auth/wiki", headers=headers)
+            assert resp.status_code == 401
+    assert recording.clients == ["203.0.113.9", "", "x" * 64]

@@ -31,8 +31,10 @@ from authd.errors import Denied, FetchError, KeysUnavailable, Reason
 from authd.fetch import make_http_client
 from authd.keys import (
     ALB_KID,
+    ALB_MAX_CLIENTS,
     ALB_MAX_KEYS,
     ALB_MAX_NEW_KIDS,
+    ALB_MAX_NEW_KIDS_IN_ALL,
     MAX_DISCOVERY_BYTES,
     MAX_PEM_BYTES,
     UNKNOWN_KID_WAIT_SECONDS,
@@ -1078,3 +1080,37 @@ async def test_key_store_provider_change_to_alb_gets_new_keys(server, client, cl
     assert await before.get("idp").refresh()  # type: ignore[union-attr]
     after = KeyStore.from_config((alb_config(server, name="idp"),), client, clock, reuse=before)
     assert isinstance(after.get("idp"), AlbKeys)
+
+
+async def test_a_flood_of_forged_kids_from_one_client_does_not_refuse_a_real_new_kid(
+    server, alb, alb_pem
+):
+    # Forged tokens come straight to the origin from the attacker's address; the real ones
+    # through the ALB. The real kid of a key rotation must still be fetched.
+    serve_kid(server, ALB_KID_1, respond(200, alb_pem))
+    for i in range(ALB_MAX_NEW_KIDS):
+        with pytest.raises(Denied):
+            await alb.key_for(f"{i:08x}-forged", "203.0.113.9")
+    with pytest.raises(Denied, match="this client's"):
+        await alb.key_for("ffffffff-forged", "203.0.113.9")
+    assert (await alb.key_for(ALB_KID_1, "10.0.3.17")).kid == ALB_KID_1
+    assert len(server.requested) == ALB_MAX_NEW_KIDS + 1
+
+
+async def test_fetches_of_new_kids_are_bounded_in_all_whatever_the_addresses(server, alb):
+    clients = (f"198.51.100.{n}" for n in range(1, 255))
+    for i in range(ALB_MAX_NEW_KIDS_IN_ALL):
+        with pytest.raises(Denied):
+            await alb.key_for(f"{i:08x}-forged", next(clients))
+    with pytest.raises(Denied, match="all clients'"):
+        await alb.key_for("ffffffff-forged", next(clients))
+    assert len(server.requested) == ALB_MAX_NEW_KIDS_IN_ALL
+
+
+async def test_the_clients_remembered_are_bounded(server, alb):
+    for n in range(ALB_MAX_CLIENTS + 10):
+        with pytest.raises(Denied):
+            await alb.key_for(f"{n:08x}-forged", f"client-{n}")
+    assert len(alb._by_client) == ALB_MAX_CLIENTS  # the least recently active forgotten
+    assert "client-0" not in alb._by_client
+    assert len(server.requested) == ALB_MAX_NEW_KIDS_IN_ALL

@@ -60,7 +60,7 @@ class Keys:
         self.keys = keys
         self.generation = 1
 
-    async def key_for(self, kid: str) -> VerifyKey:
+    async def key_for(self, kid: str, _client: str = "") -> VerifyKey:
         if kid not in self.keys:
             raise Denied(Reason.UNKNOWN_KID, "not in the test's keys")
         return self.keys[kid]
