@@ -270,7 +270,7 @@ class Config:
                 "requests write no audit line in authd, only nginx's authd-access.log line",
             )
             # The shipped snippet keys on the default sources only (snippets.cache_key).
-            if {s.key for s in self.token_sources_in_use()} != _DEFAULT_SOURCE_KEYS:
+            if not {s.key for s in self.token_sources_in_use()} <= _DEFAULT_SOURCE_KEYS:
                 out.append(
                     "nginx_cache_seconds: tokens may arrive in places the shipped "
                     "authd-server-microcache.conf does not key its cache on: use the one "

@@ -153,15 +153,17 @@ class Identity:
     def passed_posture_names(self) -> tuple[str, ...]:
         """Each check that passed, in the answer's order: by its name when that name has
         passed as :meth:`posture_passed` judges it (every check of the name passed), else
-        by its id. A name shared with a failed check (per-OS rules often share one) is
-        never listed as passed."""
-        return tuple(
-            dict.fromkeys(
-                c.name if c.name and self.posture_passed(c.name) else c.id
-                for c in self.posture
-                if c.success
-            ),
-        )
+        by its id if that has, else not at all. Nothing listed here is a rule that
+        ``require_posture`` would judge failed (per-OS rules often share a name)."""
+        listed: dict[str, None] = {}
+        for c in self.posture:
+            if not c.success:
+                continue
+            for ref in (c.name, c.id):
+                if ref and self.posture_passed(ref):
+                    listed[ref] = None
+                    break
+        return tuple(listed)
 
     def get(self, path: str) -> object | None:
         """A member of the document by name; a dotted name walks nested objects."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
 import re
 import time
@@ -70,7 +71,7 @@ ALB_MAX_KEYS = 64  # known kids kept (least recently used dropped first)
 # Fetches of kids not yet known, per refetch_cooldown_seconds: per client (nginx's
 # X-Real-IP), and in all, which bounds what authd asks of AWS whatever the flood.
 ALB_MAX_NEW_KIDS = 10
-ALB_MAX_NEW_KIDS_IN_ALL = 100
+ALB_MAX_NEW_KIDS_IN_ALL = 600
 ALB_MAX_CLIENTS = 4096  # clients whose recent fetches are remembered (oldest forgotten first)
 
 PublicKeyType: TypeAlias = (
@@ -725,6 +726,7 @@ class AlbKeys:
         if now < self._unknown.get(kid, -float("inf")):
             raise Denied(Reason.UNKNOWN_KID, "unknown kid (the endpoint said so recently)")
         window = self.config.refetch_cooldown_seconds
+        client = _client_key(client)
         mine = self._by_client.pop(client, None) or deque()
         self._by_client[client] = mine  # the most recently active last
         while len(self._by_client) > ALB_MAX_CLIENTS:
@@ -803,6 +805,18 @@ class AlbKeys:
     def _observe(self, *, ok: bool) -> None:
         if self.on_fetch is not None:
             self.on_fetch(self, ok)
+
+
+def _client_key(client: str) -> str:
+    """Whose budget a fetch counts against: an IPv4 address, or an IPv6 address's /64 (one
+    host commonly holds a whole /64); anything else as it is."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 class KeyStore:

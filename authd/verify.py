@@ -167,6 +167,9 @@ class Verifier:
         else:
             email, sub = subject(payload, require_verified=issuer.require_email_verified)
             service_token = ""
+            if not email and "email" in payload:
+                # Unverified: no rule or header may read it from the payload either.
+                payload = {k: v for k, v in payload.items() if k != "email"}
         return Claims(
             payload=types.MappingProxyType(payload),
             issuer_name=issuer.name,

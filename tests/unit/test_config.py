@@ -565,3 +565,10 @@ def test_alb_issuers_may_end_with_a_slash_and_china_regions_have_their_own_key_e
     (issuer,) = config.parse(minimal(issuers=[alb])).issuers
     assert issuer.issuer == "https://t.auth0.com/"
     assert issuer.alb_keys_url == "https://public-keys.auth.elb.cn-north-1.amazonaws.com.cn"
+
+
+def test_micro_cache_mode_does_not_warn_for_a_subset_of_the_default_sources():
+    cfg = config.parse(
+        minimal(nginx_cache_seconds=30, token_sources=["header:Cf-Access-Jwt-Assertion"]),
+    )
+    assert not any("does not key its cache on" in w for w in cfg.warnings())

@@ -651,6 +651,21 @@ def test_every_check_that_shares_a_name_must_pass():
     assert identity.passed_posture_names() == ("r1",)
 
 
+def test_a_passed_check_is_listed_only_by_a_reference_that_passed():
+    # "fw" names one check and is the id of another, failed, one; r2's name and id both
+    # stand for failed checks; an empty key is no reference.
+    posture = {
+        "fw": {"rule_name": "Firewall", "success": False},
+        "r1": {"rule_name": "fw", "success": True},
+        "r2": {"rule_name": "Firewall", "success": True},
+        "": {"rule_name": "", "success": True},
+    }
+    identity = parse_identity(_doc(devicePosture=posture))
+    assert not identity.posture_passed("fw")
+    assert identity.passed_posture_names() == ("r1", "r2")
+    assert all(identity.posture_passed(r) for r in identity.passed_posture_names())
+
+
 @pytest.mark.parametrize("posture", [None, [], "x", [{"id": "r1", "success": True}]])
 def test_device_posture_of_the_wrong_shape_is_no_posture(posture):
     identity = parse_identity(_doc(devicePosture=posture))

@@ -1098,7 +1098,7 @@ async def test_a_flood_of_forged_kids_from_one_client_does_not_refuse_a_real_new
 
 
 async def test_fetches_of_new_kids_are_bounded_in_all_whatever_the_addresses(server, alb):
-    clients = (f"198.51.100.{n}" for n in range(1, 255))
+    clients = (f"10.0.{n // 250}.{n % 250 + 1}" for n in range(10_000))
     for i in range(ALB_MAX_NEW_KIDS_IN_ALL):
         with pytest.raises(Denied):
             await alb.key_for(f"{i:08x}-forged", next(clients))
@@ -1114,3 +1114,15 @@ async def test_the_clients_remembered_are_bounded(server, alb):
     assert len(alb._by_client) == ALB_MAX_CLIENTS  # the least recently active forgotten
     assert "client-0" not in alb._by_client
     assert len(server.requested) == ALB_MAX_NEW_KIDS_IN_ALL
+
+
+async def test_an_ipv6_client_is_budgeted_by_its_slash_64(alb):
+    # One host commonly holds a whole /64: its addresses are one client.
+    for i in range(ALB_MAX_NEW_KIDS):
+        with pytest.raises(Denied):
+            await alb.key_for(f"{i:08x}-forged", f"2001:db8::{i + 1:x}")
+    with pytest.raises(Denied, match="this client's"):
+        await alb.key_for("ffffffff-forged", "2001:db8::ffff")
+    with pytest.raises(Denied) as ex:  # another /64 has a budget of its own
+        await alb.key_for("eeeeeeee-forged", "2001:db8:0:1::1")
+    assert "rate limit" not in ex.value.detail

@@ -487,3 +487,15 @@ def test_require_email_verified_is_for_oidc_and_alb_only():
     with pytest.raises(config_mod.ConfigError) as ex:
         config_mod.parse(raw)
     assert "require_email_verified: only for provider = 'oidc' or 'aws-alb'" in ex.value.problems[0]
+
+
+async def test_an_unverified_email_is_gone_for_require_claims_and_claim_headers_too(
+    verifier, rsa_key
+):
+    token = oidc_token(rsa_key, email="boss@corp.example", email_verified=False)
+    claims = (await check(verifier, token, ("client-1",), (BEARER,))).claims
+    assert (claims.email, claims.get("email")) == ("", None)
+    verified = oidc_token(rsa_key, email="boss@corp.example")
+    assert (await check(verifier, verified, ("client-1",), (BEARER,))).claims.get("email") == (
+        "boss@corp.example"
+    )
