@@ -124,7 +124,9 @@ def _cookie_values(header: str, name: str) -> list[str]:
         if sep and key.strip(_OWS) == name:
             value = value.strip(_OWS)
             if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
+                # Blanks inside the quotes are as foreign to a token as outside (RFC 6265
+                # allows none): every token authd reads has none at its ends.
+                value = value[1:-1].strip(_OWS)
             if value:
                 values.append(value)
     return values

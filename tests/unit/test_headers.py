@@ -57,6 +57,7 @@ def refused(*pairs: tuple[str, str], sources=DEFAULT_SOURCES) -> Reason:
         [("Cookie", f"CF_Authorization={TOK}")],
         [("Cookie", f"a=1; CF_Authorization={TOK}; b=2")],
         [("Cookie", f'CF_Authorization="{TOK}"')],
+        [("Cookie", f'CF_Authorization=" {TOK}\t"')],  # found by the fuzzer: no blank at an end
         [("Cf-Access-Jwt-Assertion", TOK), ("Cookie", f"CF_Authorization={TOK}")],  # same twice
         [("Cf-Access-Jwt-Assertion", TOK), ("Cf-Access-Jwt-Assertion", TOK)],
         [("Cf-Access-Jwt-Assertion", f"  {TOK}  ")],
