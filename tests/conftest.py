@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -23,6 +24,7 @@ from authd.errors import FetchError
 from authd.fetch import Fetched
 from authd.keys import IssuerKeys, KeyStore
 from authd.service import Generation, Service
+from devtools.standins import GetIdentityServer
 
 ISSUER = "https://team.cloudflareaccess.com"
 AUD = "a" * 64
@@ -232,6 +234,23 @@ async def store(issuer_keys) -> KeyStore:
     s = KeyStore([issuer_keys])
     await issuer_keys.refresh()
     return s
+
+
+@pytest.fixture(scope="module")
+def _running_identity_server() -> Iterator[GetIdentityServer]:
+    with GetIdentityServer() as server:
+        yield server
+
+
+@pytest.fixture
+def identity_server(_running_identity_server, monkeypatch) -> Iterator[GetIdentityServer]:
+    """A get-identity stand-in on 127.0.0.1 (one per test module), with no answers and no
+    requests recorded."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)  # loopback only, never through a proxy
+    _running_identity_server.reset()
+    yield _running_identity_server
+    _running_identity_server.release()  # let any held answer go (to a client that left)
 
 
 def make_config(**policies: dict[str, object]) -> config_mod.Config:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -97,20 +96,9 @@ def bob(make_user) -> User:
 BOB_IDENTITY = documented_identity(email="bob@example.com", user_uuid=BOB_UUID)
 
 
-@pytest.fixture(scope="module")
-def _running_server() -> Iterator[GetIdentityServer]:
-    with GetIdentityServer() as server:
-        yield server
-
-
 @pytest.fixture
-def server(_running_server, monkeypatch) -> Iterator[GetIdentityServer]:
-    """The module's stand-in, with no answers and no requests recorded."""
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)  # loopback only, never through a proxy
-    _running_server.reset()
-    yield _running_server
-    _running_server.release()  # let any held answer go (to a client that left)
+def server(identity_server) -> GetIdentityServer:
+    return identity_server  # tests/conftest.py: the stand-in, reset for each test
 
 
 @pytest.fixture
